@@ -1,0 +1,67 @@
+/**
+ * Authentication and authorization seams. Stand-alone mode wires a client-certificate
+ * authenticator and an "authenticated users may do anything" authorizer; a server behind
+ * kube-apiserver's aggregator wires front-proxy headers, TokenReview and SubjectAccessReview.
+ */
+import type { IncomingHttpHeaders } from 'node:http';
+import type { TLSSocket } from 'node:tls';
+
+export interface UserInfo {
+  readonly username: string;
+  readonly uid?: string;
+  readonly groups: readonly string[];
+  readonly extra?: Readonly<Record<string, readonly string[]>>;
+}
+
+export interface AuthenticationRequest {
+  readonly headers: IncomingHttpHeaders;
+  readonly socket: TLSSocket | undefined;
+}
+
+export type AuthenticationResult =
+  | { readonly authenticated: true; readonly user: UserInfo }
+  /** No credentials this authenticator understands: the next one may try. */
+  | { readonly authenticated: false; readonly reason?: string };
+
+export interface Authenticator {
+  authenticate(req: AuthenticationRequest): Promise<AuthenticationResult>;
+}
+
+/** The attributes kube-apiserver puts in a SubjectAccessReview. */
+export interface RequestAttributes {
+  readonly user: UserInfo;
+  readonly verb: string;
+  readonly isResourceRequest: boolean;
+  readonly path: string;
+  readonly apiGroup?: string;
+  readonly apiVersion?: string;
+  readonly resource?: string;
+  readonly subresource?: string;
+  readonly name?: string;
+  readonly namespace?: string;
+}
+
+export interface AuthorizationDecision {
+  readonly allowed: boolean;
+  /** Why not, in words a person can act on (shown in the 403). */
+  readonly reason: string;
+}
+
+export interface Authorizer {
+  authorize(attrs: RequestAttributes): Promise<AuthorizationDecision>;
+}
+
+/** Tries each authenticator in order; the first that recognises the credentials decides. */
+export function unionAuthenticator(...authenticators: readonly Authenticator[]): Authenticator {
+  return {
+    async authenticate(req) {
+      const reasons: string[] = [];
+      for (const a of authenticators) {
+        const r = await a.authenticate(req);
+        if (r.authenticated) return r;
+        if (r.reason) reasons.push(r.reason);
+      }
+      return reasons.length > 0 ? { authenticated: false, reason: reasons.join('; ') } : { authenticated: false };
+    },
+  };
+}

@@ -1,0 +1,117 @@
+/**
+ * Configuration in one place: command-line flags over environment variables over defaults,
+ * validated once against a JSON Schema (every error names its option), then frozen. No other
+ * module reads the environment.
+ */
+import { resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { Type, type Static } from '@sinclair/typebox';
+import { Ajv } from 'ajv';
+
+export const ConfigSchema = Type.Object(
+  {
+    listenAddress: Type.String({ minLength: 1, description: 'Address to listen on.' }),
+    port: Type.Integer({ minimum: 0, maximum: 65535, description: 'HTTPS port.' }),
+    storage: Type.Unsafe<'sqlite'>({ type: 'string', enum: ['sqlite'], description: 'Storage backend.' }),
+    dataDir: Type.String({ minLength: 1, description: 'Directory of the embedded database.' }),
+    certDir: Type.String({ minLength: 1, description: 'Directory of the development PKI.' }),
+    tlsCertFile: Type.String({ minLength: 1, description: 'Serving certificate (PEM).' }),
+    tlsPrivateKeyFile: Type.String({ minLength: 1, description: 'Serving key (PEM).' }),
+    clientCaFile: Type.String({ minLength: 1, description: 'CA that signs client certificates (PEM).' }),
+    generateDevCerts: Type.Boolean({ description: 'Create a development PKI in certDir when files are missing.' }),
+    logLevel: Type.Unsafe<'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'>({
+      type: 'string',
+      enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'],
+      description: 'Log level.',
+    }),
+    watchBookmarkIntervalSeconds: Type.Number({ exclusiveMinimum: 0, description: 'Interval of watch bookmarks.' }),
+    historySeconds: Type.Integer({ minimum: 1, description: 'Seconds of history kept for watch and paginated lists.' }),
+  },
+  { additionalProperties: false },
+);
+
+export type Config = Readonly<Static<typeof ConfigSchema>>;
+
+/** Option name on the command line, environment variable, and how to read the text. */
+const OPTIONS = {
+  listenAddress: { flag: 'listen-address', env: 'KMM_PREFLIGHT_LISTEN_ADDRESS', kind: 'string' },
+  port: { flag: 'port', env: 'KMM_PREFLIGHT_PORT', kind: 'integer' },
+  storage: { flag: 'storage', env: 'KMM_PREFLIGHT_STORAGE', kind: 'string' },
+  dataDir: { flag: 'data-dir', env: 'KMM_PREFLIGHT_DATA_DIR', kind: 'string' },
+  certDir: { flag: 'cert-dir', env: 'KMM_PREFLIGHT_CERT_DIR', kind: 'string' },
+  tlsCertFile: { flag: 'tls-cert-file', env: 'KMM_PREFLIGHT_TLS_CERT_FILE', kind: 'string' },
+  tlsPrivateKeyFile: { flag: 'tls-private-key-file', env: 'KMM_PREFLIGHT_TLS_PRIVATE_KEY_FILE', kind: 'string' },
+  clientCaFile: { flag: 'client-ca-file', env: 'KMM_PREFLIGHT_CLIENT_CA_FILE', kind: 'string' },
+  generateDevCerts: { flag: 'generate-dev-certs', env: 'KMM_PREFLIGHT_GENERATE_DEV_CERTS', kind: 'boolean' },
+  logLevel: { flag: 'log-level', env: 'KMM_PREFLIGHT_LOG_LEVEL', kind: 'string' },
+  watchBookmarkIntervalSeconds: { flag: 'watch-bookmark-interval', env: 'KMM_PREFLIGHT_WATCH_BOOKMARK_INTERVAL', kind: 'number' },
+  historySeconds: { flag: 'history-seconds', env: 'KMM_PREFLIGHT_HISTORY_SECONDS', kind: 'integer' },
+} as const;
+
+type Key = keyof typeof OPTIONS;
+
+export class ConfigError extends Error {
+  readonly problems: readonly string[];
+  constructor(problems: readonly string[]) {
+    super(`invalid configuration: ${problems.join('; ')}`);
+    this.name = 'ConfigError';
+    this.problems = problems;
+  }
+}
+
+function convert(kind: string, text: string): unknown {
+  if (kind === 'integer' || kind === 'number') return text.trim() === '' ? text : Number(text);
+  if (kind === 'boolean') return text === 'true' ? true : text === 'false' ? false : text;
+  return text;
+}
+
+/**
+ * Reads flags (`--port 8443`), then `KMM_PREFLIGHT_*` variables, then defaults. Throws
+ * {@link ConfigError} listing every bad option by its flag name.
+ */
+export function loadConfig(argv: readonly string[], env: Readonly<Record<string, string | undefined>>, cwd: string): Config {
+  const { values } = parseArgs({
+    args: [...argv],
+    options: Object.fromEntries(Object.values(OPTIONS).map((o) => [o.flag, { type: 'string' as const }])),
+    strict: true,
+    allowPositionals: false,
+  });
+  const raw: Record<string, unknown> = {};
+  for (const [key, o] of Object.entries(OPTIONS) as [Key, (typeof OPTIONS)[Key]][]) {
+    const text = (values[o.flag] as string | undefined) ?? env[o.env];
+    if (text !== undefined) raw[key] = convert(o.kind, text);
+  }
+  const certDir = resolve(cwd, (raw['certDir'] as string | undefined) ?? 'certs');
+  const config = {
+    listenAddress: '127.0.0.1',
+    port: 8443,
+    storage: 'sqlite',
+    dataDir: resolve(cwd, 'data'),
+    generateDevCerts: true,
+    logLevel: 'info',
+    watchBookmarkIntervalSeconds: 60,
+    historySeconds: 300,
+    tlsCertFile: resolve(certDir, 'server.crt'),
+    tlsPrivateKeyFile: resolve(certDir, 'server.key'),
+    clientCaFile: resolve(certDir, 'ca.crt'),
+    ...raw,
+    certDir,
+  } as Record<string, unknown>;
+  for (const k of ['dataDir', 'tlsCertFile', 'tlsPrivateKeyFile', 'clientCaFile'] as const) {
+    if (typeof config[k] === 'string') config[k] = resolve(cwd, config[k]);
+  }
+  const ajv = new Ajv({ allErrors: true, strict: false });
+  const validate = ajv.compile(ConfigSchema);
+  if (!validate(config)) {
+    const problems = (validate.errors ?? []).map((e) => {
+      const key = e.instancePath.slice(1) as Key;
+      const o = OPTIONS[key];
+      const name = o ? `--${o.flag} (${o.env})` : key || String((e.params as { additionalProperty?: string }).additionalProperty);
+      return `${name} ${e.message ?? 'is invalid'}${e.instancePath ? `, got ${JSON.stringify(config[key])}` : ''}`;
+    });
+    throw new ConfigError([...new Set(problems)]);
+  }
+  return Object.freeze(config) as Config;
+}
+
+export const CONFIG_OPTIONS = OPTIONS;
