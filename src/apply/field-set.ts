@@ -50,31 +50,39 @@ function hasKeyOtherThanDot(o: JsonObject): boolean {
 }
 
 export class FieldSet {
-  #map: Map<string, FieldNode> | undefined;
-  /** Lazily decoded trusted FieldsV1 object (its `.` key, if any, belongs to the parent). */
-  #src: JsonObject | undefined;
+  /**
+   * Trusted FieldsV1 JSON this set starts from (keys already in order; its `.` belongs to the
+   * parent). Entries are decoded on first access.
+   */
+  readonly #base: JsonObject | undefined;
+  /** Entries on top of {@link #base} (`null`: removed), or all entries when there is no base. */
+  readonly #over: ReadonlyMap<string, FieldNode | null>;
+  #decoded: Map<string, FieldNode> | undefined;
+  #baseKeys: string[] | undefined;
+  #size: number | undefined;
   #jsonDot: JsonObject | undefined;
   #jsonNoDot: JsonObject | undefined;
 
-  private constructor(map: Map<string, FieldNode> | undefined, src: JsonObject | undefined) {
-    this.#map = map;
-    this.#src = src;
+  private constructor(base: JsonObject | undefined, over: ReadonlyMap<string, FieldNode | null>, size: number | undefined) {
+    this.#base = base;
+    this.#over = over;
+    this.#size = size;
   }
 
-  static readonly EMPTY: FieldSet = new FieldSet(new Map(), undefined);
+  static readonly EMPTY: FieldSet = new FieldSet(undefined, new Map(), 0);
 
-  /** @internal builds a set around a map the caller gives up. */
+  /** @internal a set of the given entries (the map is given up). */
   static fromMap(map: Map<string, FieldNode>): FieldSet {
-    return map.size === 0 ? FieldSet.EMPTY : new FieldSet(map, undefined);
+    return map.size === 0 ? FieldSet.EMPTY : new FieldSet(undefined, map, map.size);
   }
 
   /**
-   * A set from FieldsV1 JSON written by this module (stored objects): decoded lazily, one level at a
-   * time, and its JSON reused verbatim when the subtree is serialised unchanged.
+   * A set from FieldsV1 JSON written by this module (stored objects): decoded lazily, and its JSON
+   * reused verbatim wherever the set is serialised unchanged.
    */
   static fromTrustedFieldsV1(json: JsonObject): FieldSet {
     if (!hasKeyOtherThanDot(json)) return FieldSet.EMPTY;
-    const s = new FieldSet(undefined, json);
+    const s = new FieldSet(json, new Map(), undefined);
     if (!hasOwn.call(json, '.')) s.#jsonNoDot = json;
     return s;
   }
@@ -94,59 +102,124 @@ export class FieldSet {
       const member = isEmptyObject(value) || hasOwn.call(value, '.');
       const children = FieldSet.fromUntrustedFieldsV1(value);
       const prev = map.get(pe);
-      map.set(pe, {
-        member: member || (prev?.member ?? false),
-        children: prev?.children ? FieldSet.union(prev.children, children) : children.isEmpty() ? undefined : children,
-      });
+      const merged = prev?.children ? FieldSet.union(prev.children, children) : children;
+      map.set(pe, { member: member || (prev?.member ?? false), children: merged.isEmpty() ? undefined : merged });
     }
     return FieldSet.fromMap(map);
   }
 
-  /** The elements of this node (decoding a lazy node on first use). */
-  get map(): ReadonlyMap<string, FieldNode> {
-    let map = this.#map;
-    if (map === undefined) {
-      map = new Map();
-      const src = this.#src as JsonObject;
-      for (const key of Object.keys(src)) {
-        if (key === '.') continue;
-        const value = src[key];
-        if (!isPlainObject(value)) throw new FieldSetDecodeError(`fieldsV1 entry ${JSON.stringify(key)} must be a JSON object`);
-        if (key.length < 2 || key[1] !== ':') throw new FieldSetDecodeError(`invalid path element ${JSON.stringify(key)}`);
-        const hasChildren = hasKeyOtherThanDot(value);
-        const member = !hasChildren || hasOwn.call(value, '.');
-        let children: FieldSet | undefined;
-        if (hasChildren) {
-          children = new FieldSet(undefined, value);
-          if (hasOwn.call(value, '.')) children.#jsonDot = value;
-          else children.#jsonNoDot = value;
-        }
-        map.set(key, { member, children });
-      }
-      this.#map = map;
-      this.#src = undefined;
+  /** Keys of the base, in their (sorted) order. */
+  #keysOfBase(): string[] {
+    if (this.#baseKeys === undefined) {
+      const base = this.#base as JsonObject;
+      const keys = Object.keys(base);
+      const dot = keys.indexOf('.');
+      if (dot >= 0) keys.splice(dot, 1);
+      this.#baseKeys = keys;
     }
-    return map;
+    return this.#baseKeys;
   }
 
-  get size(): number {
-    return this.map.size;
-  }
-
-  isEmpty(): boolean {
-    if (this.#map === undefined) return !hasKeyOtherThanDot(this.#src as JsonObject);
-    return this.#map.size === 0;
+  #decode(key: string): FieldNode | undefined {
+    const base = this.#base;
+    if (base === undefined || key === '.' || !hasOwn.call(base, key)) return undefined;
+    let node = this.#decoded?.get(key);
+    if (node) return node;
+    const value = base[key];
+    if (!isPlainObject(value)) throw new FieldSetDecodeError(`fieldsV1 entry ${JSON.stringify(key)} must be a JSON object`);
+    if (key.length < 2 || key[1] !== ':') throw new FieldSetDecodeError(`invalid path element ${JSON.stringify(key)}`);
+    const hasChildren = hasKeyOtherThanDot(value);
+    let children: FieldSet | undefined;
+    if (hasChildren) {
+      children = new FieldSet(value, new Map(), undefined);
+      if (hasOwn.call(value, '.')) children.#jsonDot = value;
+      else children.#jsonNoDot = value;
+    }
+    node = { member: !hasChildren || hasOwn.call(value, '.'), children };
+    (this.#decoded ??= new Map()).set(key, node);
+    return node;
   }
 
   get(pe: string): FieldNode | undefined {
-    return this.map.get(pe);
+    const o = this.#over.get(pe);
+    if (o !== undefined) return o ?? undefined;
+    return this.#decode(pe);
+  }
+
+  /** The elements of this node (unordered). */
+  *entries(): Generator<[string, FieldNode]> {
+    const base = this.#base;
+    const over = this.#over;
+    if (base !== undefined) {
+      for (const k of this.#keysOfBase()) {
+        if (over.has(k)) continue;
+        yield [k, this.#decode(k) as FieldNode];
+      }
+    }
+    for (const [k, n] of over) if (n) yield [k, n];
+  }
+
+  get size(): number {
+    if (this.#size === undefined) {
+      let n = 0;
+      if (this.#base !== undefined) {
+        n = this.#keysOfBase().length;
+        for (const [k, v] of this.#over) {
+          const inBase = hasOwn.call(this.#base, k);
+          if (inBase && v === null) n--;
+          else if (!inBase && v !== null) n++;
+        }
+      } else n = this.#over.size;
+      this.#size = n;
+    }
+    return this.#size;
+  }
+
+  isEmpty(): boolean {
+    if (this.#size !== undefined) return this.#size === 0;
+    if (this.#base !== undefined && this.#over.size === 0) return !hasKeyOtherThanDot(this.#base);
+    return this.size === 0;
+  }
+
+  /**
+   * A set equal to this one with `changes` applied (`null` removes an entry). Shares the base and
+   * every untouched entry.
+   */
+  #derive(changes: Map<string, FieldNode | null>): FieldSet {
+    if (changes.size === 0) return this;
+    let size = this.#size;
+    if (size !== undefined) {
+      for (const [k, v] of changes) {
+        const was = this.get(k) !== undefined;
+        if (was && v === null) size--;
+        else if (!was && v !== null) size++;
+      }
+    }
+    if (this.#base === undefined) {
+      const map = new Map(this.#over as Map<string, FieldNode>);
+      for (const [k, v] of changes) {
+        if (v === null) map.delete(k);
+        else map.set(k, v);
+      }
+      return FieldSet.fromMap(map);
+    }
+    const over = new Map(this.#over);
+    for (const [k, v] of changes) {
+      if (v === null && !hasOwn.call(this.#base, k)) over.delete(k);
+      else over.set(k, v);
+    }
+    const out = new FieldSet(this.#base, over, size);
+    out.#decoded = this.#decoded;
+    out.#baseKeys = this.#baseKeys;
+    if (size === 0) return FieldSet.EMPTY;
+    return out;
   }
 
   /** True when `path` (a list of path elements) is a member. */
   has(path: readonly string[]): boolean {
     let node: FieldSet | undefined = this;
     for (let i = 0; i < path.length; i++) {
-      const e: FieldNode | undefined = node?.map.get(path[i] as string);
+      const e: FieldNode | undefined = node?.get(path[i] as string);
       if (e === undefined) return false;
       if (i === path.length - 1) return e.member;
       node = e.children;
@@ -154,12 +227,42 @@ export class FieldSet {
     return false;
   }
 
+  /** Keys in structured-merge-diff's order (`PathElement.Compare`). */
+  sortedKeys(): string[] {
+    if (this.#base === undefined) return sortPathElements([...this.#over.keys()]);
+    const baseKeys = this.#keysOfBase();
+    if (this.#over.size === 0) return baseKeys;
+    const added: string[] = [];
+    for (const [k, v] of this.#over) if (v !== null && !hasOwn.call(this.#base, k)) added.push(k);
+    const kept = baseKeys.filter((k) => this.#over.get(k) !== null);
+    if (added.length === 0) return kept;
+    if (added.length * 16 > kept.length) return sortPathElements([...kept, ...added]);
+    // Few new keys: binary-insert them into the already ordered ones.
+    const parsed = new Map<string, ParsedPE>();
+    const pe = (k: string) => {
+      let p = parsed.get(k);
+      if (!p) parsed.set(k, (p = parsePE(k)));
+      return p;
+    };
+    for (const k of sortPathElements(added)) {
+      let lo = 0;
+      let hi = kept.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1;
+        if (comparePathElements(pe(kept[mid] as string), pe(k)) < 0) lo = mid + 1;
+        else hi = mid;
+      }
+      kept.splice(lo, 0, k);
+    }
+    return kept;
+  }
+
   /** Paths in the order structured-merge-diff's `Set.Iterate` gives: members, then children, each sorted. */
   *paths(prefix: string[] = []): Generator<string[]> {
-    const keys = sortPathElements([...this.map.keys()]);
-    for (const k of keys) if ((this.map.get(k) as FieldNode).member) yield [...prefix, k];
+    const keys = this.sortedKeys();
+    for (const k of keys) if ((this.get(k) as FieldNode).member) yield [...prefix, k];
     for (const k of keys) {
-      const c = (this.map.get(k) as FieldNode).children;
+      const c = (this.get(k) as FieldNode).children;
       if (c) yield* c.paths([...prefix, k]);
     }
   }
@@ -168,11 +271,17 @@ export class FieldSet {
   toFieldsV1(withDot = false): JsonObject {
     const cached = withDot ? this.#jsonDot : this.#jsonNoDot;
     if (cached !== undefined) return cached;
-    const map = this.map;
     const out: JsonObject = {};
-    if (withDot && map.size > 0) out['.'] = {};
-    for (const k of sortPathElements([...map.keys()])) {
-      const node = map.get(k) as FieldNode;
+    if (withDot && !this.isEmpty()) out['.'] = {};
+    const base = this.#base;
+    const over = this.#over;
+    for (const k of this.sortedKeys()) {
+      if (base !== undefined && !over.has(k)) {
+        // Untouched entry of the base: its JSON as stored.
+        out[k] = base[k];
+        continue;
+      }
+      const node = this.get(k) as FieldNode;
       out[k] = node.children ? node.children.toFieldsV1(node.member) : {};
     }
     if (withDot) this.#jsonDot = out;
@@ -186,79 +295,73 @@ export class FieldSet {
   static union(a: FieldSet, b: FieldSet): FieldSet {
     if (a === b || b.isEmpty()) return a;
     if (a.isEmpty()) return b;
-    const am = a.map;
-    let out: Map<string, FieldNode> | undefined;
-    for (const [pe, nb] of b.map) {
-      const na = am.get(pe);
+    const changes = new Map<string, FieldNode | null>();
+    for (const [pe, nb] of b.entries()) {
+      const na = a.get(pe);
       if (na === undefined) {
-        (out ??= new Map(am)).set(pe, nb);
+        changes.set(pe, nb);
         continue;
       }
       const member = na.member || nb.member;
       const children = na.children && nb.children ? FieldSet.union(na.children, nb.children) : (na.children ?? nb.children);
-      if (member !== na.member || children !== na.children) (out ??= new Map(am)).set(pe, { member, children });
+      if (member !== na.member || children !== na.children) changes.set(pe, { member, children });
     }
-    return out ? FieldSet.fromMap(out) : a;
+    return a.#derive(changes);
   }
 
   /** Path-by-path difference: `a.b.c − a.b` keeps `a.b.c`. */
   static difference(a: FieldSet, b: FieldSet): FieldSet {
     if (a.isEmpty() || b.isEmpty()) return a;
     if (a === b) return FieldSet.EMPTY;
-    const am = a.map;
-    const bm = b.map;
-    let out: Map<string, FieldNode> | undefined;
+    const changes = new Map<string, FieldNode | null>();
     const visit = (pe: string, na: FieldNode, nb: FieldNode) => {
       const member = na.member && !nb.member;
       const children = na.children && nb.children ? FieldSet.difference(na.children, nb.children) : na.children;
       if (member === na.member && children === na.children) return;
-      out ??= new Map(am);
-      if (!member && (children === undefined || children.isEmpty())) out.delete(pe);
-      else out.set(pe, { member, children: children && !children.isEmpty() ? children : undefined });
+      if (!member && (children === undefined || children.isEmpty())) changes.set(pe, null);
+      else changes.set(pe, { member, children: children && !children.isEmpty() ? children : undefined });
     };
-    if (bm.size <= am.size) {
-      for (const [pe, nb] of bm) {
-        const na = am.get(pe);
+    if (b.size <= a.size) {
+      for (const [pe, nb] of b.entries()) {
+        const na = a.get(pe);
         if (na) visit(pe, na, nb);
       }
     } else {
-      for (const [pe, na] of am) {
-        const nb = bm.get(pe);
+      for (const [pe, na] of a.entries()) {
+        const nb = b.get(pe);
         if (nb) visit(pe, na, nb);
       }
     }
-    return out ? FieldSet.fromMap(out) : a;
+    return a.#derive(changes);
   }
 
   /** Removes every path of `b` **and everything below it** from `a`. */
   static recursiveDifference(a: FieldSet, b: FieldSet): FieldSet {
     if (a.isEmpty() || b.isEmpty()) return a;
-    const am = a.map;
-    let out: Map<string, FieldNode> | undefined;
-    for (const [pe, nb] of b.map) {
-      const na = am.get(pe);
+    const changes = new Map<string, FieldNode | null>();
+    for (const [pe, nb] of b.entries()) {
+      const na = a.get(pe);
       if (!na) continue;
       if (nb.member) {
-        (out ??= new Map(am)).delete(pe);
+        changes.set(pe, null);
         continue;
       }
       if (na.children && nb.children) {
         const children = FieldSet.recursiveDifference(na.children, nb.children);
         if (children === na.children) continue;
-        out ??= new Map(am);
-        if (!na.member && children.isEmpty()) out.delete(pe);
-        else out.set(pe, { member: na.member, children: children.isEmpty() ? undefined : children });
+        if (!na.member && children.isEmpty()) changes.set(pe, null);
+        else changes.set(pe, { member: na.member, children: children.isEmpty() ? undefined : children });
       }
     }
-    return out ? FieldSet.fromMap(out) : a;
+    return a.#derive(changes);
   }
 
   static intersection(a: FieldSet, b: FieldSet): FieldSet {
     if (a.isEmpty() || b.isEmpty()) return FieldSet.EMPTY;
     if (a === b) return a;
-    const [small, large] = a.map.size <= b.map.size ? [a.map, b.map] : [b.map, a.map];
+    const [small, large] = a.size <= b.size ? [a, b] : [b, a];
     const out = new Map<string, FieldNode>();
-    for (const [pe, ns] of small) {
+    for (const [pe, ns] of small.entries()) {
       const nl = large.get(pe);
       if (!nl) continue;
       const member = ns.member && nl.member;
@@ -270,11 +373,9 @@ export class FieldSet {
 
   equals(other: FieldSet): boolean {
     if (this === other) return true;
-    const am = this.map;
-    const bm = other.map;
-    if (am.size !== bm.size) return false;
-    for (const [pe, na] of am) {
-      const nb = bm.get(pe);
+    if (this.size !== other.size) return false;
+    for (const [pe, na] of this.entries()) {
+      const nb = other.get(pe);
       if (!nb || nb.member !== na.member) return false;
       if (!na.children !== !nb.children) return false;
       if (na.children && nb.children && !na.children.equals(nb.children)) return false;
@@ -338,11 +439,14 @@ function buildSet(map: Map<string, BuilderNode>): FieldSet {
 // -------------------------------------------------------------------------------------------------
 // Path elements.
 
+const GO_ESCAPES = /[<>&\u2028\u2029]/g;
+
 /** JSON as Go's encoding/json writes it (HTML-safe escapes; object keys sorted). */
 export function goJSON(value: unknown): string {
-  return JSON.stringify(sortKeysDeep(value)).replace(/[<>&\u2028\u2029]/g, (c) => {
-    return '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0');
-  });
+  const json = typeof value === 'object' && value !== null ? JSON.stringify(sortKeysDeep(value)) : JSON.stringify(value ?? null);
+  GO_ESCAPES.lastIndex = 0;
+  if (!GO_ESCAPES.test(json)) return json;
+  return json.replace(GO_ESCAPES, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
 }
 
 function sortKeysDeep(value: unknown): unknown {
@@ -362,11 +466,19 @@ export function fieldPE(name: string): string {
 /** `k:{...}` for an associative list item, key fields sorted by name as structured-merge-diff does. */
 export function keyPE(fields: ReadonlyArray<readonly [string, unknown]>): string {
   const sorted = [...fields].sort((x, y) => compareStrings(x[0], y[0]));
+  return keyPESorted(
+    sorted.map((f) => goJSON(f[0])),
+    sorted.map((f) => f[1]),
+  );
+}
+
+/** {@link keyPE} with the key names already sorted and JSON-encoded. */
+export function keyPESorted(encodedNames: readonly string[], values: readonly unknown[]): string {
   let s = 'k:{';
-  sorted.forEach(([name, v], i) => {
+  for (let i = 0; i < encodedNames.length; i++) {
     if (i > 0) s += ',';
-    s += goJSON(name) + ':' + goJSON(v);
-  });
+    s += encodedNames[i] + ':' + goJSON(values[i]);
+  }
   return s + '}';
 }
 

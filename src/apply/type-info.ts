@@ -19,7 +19,7 @@
  * annotations granular maps, finalizers a set, ownerReferences a map list keyed by uid of atomic
  * items, managedFields atomic), as kube does for custom resources whatever the CRD schema says.
  */
-import { fieldPE, keyPE, valuePE, type JsonObject } from './field-set.ts';
+import { compareStrings, fieldPE, goJSON, keyPESorted, valuePE, type JsonObject } from './field-set.ts';
 
 export type TypeNode = LeafType | MapType | ListType | DeducedType;
 
@@ -43,6 +43,29 @@ export interface ListType {
   /** Defaults of key fields, used when an item omits one. */
   readonly keyDefaults: ReadonlyMap<string, unknown>;
   readonly elem: TypeNode;
+  /** Key names sorted, and their JSON (precomputed for {@link listItemPE}). */
+  readonly sortedKeys: readonly string[];
+  readonly encodedKeys: readonly string[];
+}
+
+export function listType(
+  rel: ListType['rel'],
+  keys: readonly string[],
+  keyDefaults: ReadonlyMap<string, unknown>,
+  elem: TypeNode | (() => TypeNode),
+): ListType {
+  const sortedKeys = [...keys].sort(compareStrings);
+  return {
+    kind: 'list',
+    rel,
+    keys,
+    keyDefaults,
+    get elem() {
+      return typeof elem === 'function' ? elem() : elem;
+    },
+    sortedKeys,
+    encodedKeys: sortedKeys.map((k) => goJSON(k)),
+  };
 }
 
 export interface DeducedType {
@@ -151,8 +174,8 @@ export function compileSchema(root: JsonObject): MapType {
       return node;
     }
     if (type === 'array') {
-      const listType = s['x-kubernetes-list-type'];
-      const rel = listType === 'map' ? 'map' : listType === 'set' ? 'set' : 'atomic';
+      const declared = s['x-kubernetes-list-type'];
+      const rel = declared === 'map' ? 'map' : declared === 'set' ? 'set' : 'atomic';
       const items = isPlainObject(s['items']) ? s['items'] : {};
       const keys = rel === 'map' && Array.isArray(s['x-kubernetes-list-map-keys']) ? (s['x-kubernetes-list-map-keys'] as unknown[]).filter((k): k is string => typeof k === 'string') : [];
       const keyDefaults = new Map<string, unknown>();
@@ -163,16 +186,14 @@ export function compileSchema(root: JsonObject): MapType {
           if (isPlainObject(ks) && 'default' in ks) keyDefaults.set(k, ks['default']);
         }
       }
-      const node: ListType = {
-        kind: 'list',
+      let elem: TypeNode | undefined;
+      const node: ListType = listType(
         // structured-merge-diff: an associative list without keys is a set.
-        rel: rel === 'map' && keys.length === 0 ? 'set' : rel,
+        rel === 'map' && keys.length === 0 ? 'set' : rel,
         keys,
         keyDefaults,
-        get elem() {
-          return compile(items);
-        },
-      };
+        () => (elem ??= compile(items)),
+      );
       return remember(input, node);
     }
     if (type === undefined && s['x-kubernetes-preserve-unknown-fields'] === true) return remember(input, DEDUCED);
@@ -233,29 +254,21 @@ export const OBJECT_META: MapType = {
     ['creationTimestamp', LEAF],
     ['deletionGracePeriodSeconds', LEAF],
     ['deletionTimestamp', LEAF],
-    ['finalizers', { kind: 'list', rel: 'set', keys: [], keyDefaults: new Map(), elem: LEAF }],
+    ['finalizers', listType('set', [], new Map(), LEAF)],
     ['generateName', LEAF],
     ['generation', LEAF],
     ['labels', STRING_MAP],
-    ['managedFields', { kind: 'list', rel: 'atomic', keys: [], keyDefaults: new Map(), elem: LEAF }],
+    ['managedFields', listType('atomic', [], new Map(), LEAF)],
     ['name', LEAF],
     ['namespace', LEAF],
     [
       'ownerReferences',
-      {
-        kind: 'list',
-        rel: 'map',
-        keys: ['uid'],
-        keyDefaults: new Map(),
-        elem: {
-          kind: 'map',
-          atomic: true,
-          elem: undefined,
-          fields: new Map<string, TypeNode>(
-            ['apiVersion', 'blockOwnerDeletion', 'controller', 'kind', 'name', 'uid'].map((n) => [n, LEAF] as const),
-          ),
-        },
-      },
+      listType('map', ['uid'], new Map(), {
+        kind: 'map',
+        atomic: true,
+        elem: undefined,
+        fields: new Map<string, TypeNode>(['apiVersion', 'blockOwnerDeletion', 'controller', 'kind', 'name', 'uid'].map((n) => [n, LEAF] as const)),
+      }),
     ],
     ['resourceVersion', LEAF],
     ['selfLink', LEAF],
@@ -281,18 +294,20 @@ export function listItemPE(t: ListType, item: unknown, path: string, index: numb
   if (t.rel === 'map') {
     if (item === null) throw new FieldManagerError(path, `element ${index}: associative list with keys may not have a null element`);
     if (!isPlainObject(item)) throw new FieldManagerError(path, `element ${index}: associative list with keys may not have non-map elements`);
-    const fields: [string, unknown][] = [];
-    for (const k of t.keys) {
-      if (Object.prototype.hasOwnProperty.call(item, k) && item[k] !== undefined) fields.push([k, item[k]]);
-      else if (t.keyDefaults.has(k)) fields.push([k, t.keyDefaults.get(k)]);
+    const values: unknown[] = [];
+    for (const k of t.sortedKeys) {
+      const v = Object.prototype.hasOwnProperty.call(item, k) ? item[k] : undefined;
+      if (v !== undefined) values.push(v);
+      else if (t.keyDefaults.has(k)) values.push(t.keyDefaults.get(k));
       else {
+        const missing = t.keys.find((key) => !Object.prototype.hasOwnProperty.call(item, key) || item[key] === undefined) ?? k;
         throw new FieldManagerError(
           path,
-          `element ${index}: associative list with keys has an element that omits key field ${JSON.stringify(k)} (and doesn't have default value)`,
+          `element ${index}: associative list with keys has an element that omits key field ${JSON.stringify(missing)} (and doesn't have default value)`,
         );
       }
     }
-    return keyPE(fields);
+    return keyPESorted(t.encodedKeys, values);
   }
   if (t.rel === 'set') {
     if (item === null) throw new FieldManagerError(path, `element ${index}: associative list without keys has an element that's an explicit null`);

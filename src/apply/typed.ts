@@ -6,7 +6,7 @@
  * Values are never mutated. Results share unchanged subtrees with the inputs (copy-on-write), so a
  * comparison of a merged object with the live object it came from only descends into what changed.
  */
-import { FieldSet, FieldSetBuilder, fieldPE, pathToString, type JsonObject } from './field-set.ts';
+import { FieldSet, FieldSetBuilder, fieldPE, parsePE, pathToString, type JsonObject } from './field-set.ts';
 import {
   FieldManagerError,
   fieldType,
@@ -88,6 +88,41 @@ function itemPE(t: ListType, item: unknown, index: number, stack: readonly strin
     if (err instanceof FieldManagerError) throw new FieldManagerError(pathToString(stack), err.message);
     throw err;
   }
+}
+
+/** Largest number of items handled by the key-scan fast paths (beyond it, every item is keyed). */
+const FEW = 8;
+
+/** The values identifying a list item (key fields in sorted order, or the value of a set item). */
+function keyValues(t: ListType, item: unknown): unknown[] | undefined {
+  if (t.rel === 'set') return [item];
+  if (!isObj(item)) return undefined;
+  const out: unknown[] = [];
+  for (const k of t.sortedKeys) {
+    const v = own(item, k);
+    if (v !== undefined) out.push(v);
+    else if (t.keyDefaults.has(k)) out.push(t.keyDefaults.get(k));
+    else return undefined;
+  }
+  return out;
+}
+
+/** Whether `item` has the identifying values `key` (no allocation). */
+function hasKey(t: ListType, item: unknown, key: readonly unknown[]): boolean {
+  if (t.rel === 'set') return item === key[0] || deepEqual(item, key[0]);
+  if (!isObj(item)) return false;
+  const keys = t.sortedKeys;
+  for (let i = 0; i < keys.length; i++) {
+    const k = keys[i] as string;
+    let v = own(item, k);
+    if (v === undefined) {
+      if (!t.keyDefaults.has(k)) return false;
+      v = t.keyDefaults.get(k);
+    }
+    const w = key[i];
+    if (v !== w && !deepEqual(v, w)) return false;
+  }
+  return true;
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -216,45 +251,84 @@ function cmp(l: unknown, r: unknown, t: TypeNode, stack: string[], c: CompareSta
     const la = Array.isArray(l) ? l : undefined;
     const ra = Array.isArray(r) ? r : undefined;
     if (isEmptyContainer(la) && isEmptyContainer(ra)) return leaf();
+    let lItems = la ?? [];
+    let rItems = ra ?? [];
+    if (la && ra && la.length === ra.length) {
+      // Items equal at the same position cannot change anything unless a differing item shares
+      // their key: compare only the differing ones when they are few and share no key.
+      const diff: number[] = [];
+      for (let i = 0; i < la.length && diff.length <= FEW; i++) if (la[i] !== ra[i] && !deepEqual(la[i], ra[i])) diff.push(i);
+      if (diff.length === 0) return;
+      if (diff.length <= FEW) {
+        const keys: unknown[][] = [];
+        let usable = true;
+        for (const i of diff) {
+          const lk = keyValues(rt, la[i]);
+          const rk = keyValues(rt, ra[i]);
+          if (!lk || !rk) {
+            usable = false;
+            break;
+          }
+          keys.push(lk, rk);
+        }
+        if (usable) {
+          const differing = new Set(diff);
+          for (let j = 0; j < la.length && usable; j++) {
+            if (differing.has(j)) continue;
+            for (const k of keys) {
+              if (hasKey(rt, la[j], k)) {
+                usable = false;
+                break;
+              }
+            }
+          }
+        }
+        if (usable) {
+          lItems = diff.map((i) => la[i]);
+          rItems = diff.map((i) => ra[i]);
+        }
+      }
+    }
     const order: string[] = [];
     const lv = new Map<string, unknown[]>();
     const rv = new Map<string, unknown[]>();
-    if (la) {
-      for (let i = 0; i < la.length; i++) {
-        const pe = itemPE(rt, la[i], i, stack);
-        const g = lv.get(pe);
-        if (g) g.push(la[i]);
-        else {
-          lv.set(pe, [la[i]]);
-          order.push(pe);
-        }
+    for (let i = 0; i < lItems.length; i++) {
+      const pe = itemPE(rt, lItems[i], i, stack);
+      const g = lv.get(pe);
+      if (g) g.push(lItems[i]);
+      else {
+        lv.set(pe, [lItems[i]]);
+        order.push(pe);
       }
     }
-    if (ra) {
-      for (let i = 0; i < ra.length; i++) {
-        const pe = itemPE(rt, ra[i], i, stack);
-        const g = rv.get(pe);
-        if (g) g.push(ra[i]);
-        else {
-          rv.set(pe, [ra[i]]);
-          if (!lv.has(pe)) order.push(pe);
-        }
+    for (let i = 0; i < rItems.length; i++) {
+      const pe = itemPE(rt, rItems[i], i, stack);
+      const g = rv.get(pe);
+      if (g) g.push(rItems[i]);
+      else {
+        rv.set(pe, [rItems[i]]);
+        if (!lv.has(pe)) order.push(pe);
       }
     }
+    const elem = rt.elem;
     for (const pe of order) {
       const lg = lv.get(pe) ?? [];
       const rg = rv.get(pe) ?? [];
       stack.push(pe);
       if (lg.length <= 1 && rg.length <= 1) {
-        cmp(lg[0], rg[0], rt.elem, stack, c);
+        if (lg.length === 1 && rg.length === 1 && deepEqual(lg[0], rg[0])) {
+          stack.pop();
+          continue;
+        }
+        cmp(lg[0], rg[0], elem, stack, c);
       } else if (lg.length >= 2 && rg.length >= 2) {
         if (!deepEqual(lg, rg)) c.modified.insert(stack);
       } else if (lg.length >= 2) {
         // Duplicates before, not anymore: the new single item is added, the duplicate marker removed.
-        if (rg.length !== 0) cmp(undefined, rg[0], rt.elem, stack, c);
+        if (rg.length !== 0) cmp(undefined, rg[0], elem, stack, c);
         c.removed.insert(stack);
       } else {
-        if (lg.length !== 0) cmp(lg[0], undefined, rt.elem, stack, c);
+        if (lg.length !== 0) cmp(lg[0], undefined, elem, stack, c);
         c.added.insert(stack);
       }
       stack.pop();
@@ -323,8 +397,16 @@ function mergeList(lhs: unknown[], rhs: unknown[], t: ListType, stack: string[])
   }
   const lPEs: string[] = [];
   const observedL = new Map<string, unknown>();
+  // With few configuration items only the live items sharing their keys matter: the others are
+  // given a placeholder that matches nothing, instead of their key.
+  const rKeys = rhs.length <= FEW ? rhs.map((item) => keyValues(t, item)) : undefined;
+  const scan = rKeys !== undefined && rKeys.every((k) => k !== undefined);
   for (let i = 0; i < lhs.length; i++) {
-    const pe = itemPE(t, lhs[i], i, stack);
+    let pe: string;
+    if (scan) {
+      const at = (rKeys as unknown[][]).findIndex((k) => hasKey(t, lhs[i], k));
+      pe = at < 0 ? '\u0000' + i : (rPEs[at] as string);
+    } else pe = itemPE(t, lhs[i], i, stack);
     lPEs.push(pe);
     observedL.set(pe, observedL.has(pe) ? DUPLICATE : lhs[i]);
   }
@@ -401,7 +483,7 @@ function pruneWalk(value: unknown, t: TypeNode, last: FieldSet, owned: readonly 
   if (rt.kind === 'map') {
     if (rt.atomic || !isObj(value)) return value;
     let out: JsonObject | undefined;
-    for (const [pe, e] of last.map) {
+    for (const [pe, e] of last.entries()) {
       if (!pe.startsWith('f:')) continue;
       const name = pe.slice(2);
       const child = own(value, name);
@@ -429,15 +511,28 @@ function pruneWalk(value: unknown, t: TypeNode, last: FieldSet, owned: readonly 
   }
   if (rt.rel === 'atomic' || !Array.isArray(value)) return value;
   const index = new Map<string, number[]>();
-  for (let i = 0; i < value.length; i++) {
-    const pe = listItemPE(rt, value[i], '', i);
+  const add = (pe: string, i: number) => {
     const g = index.get(pe);
     if (g) g.push(i);
     else index.set(pe, [i]);
+  };
+  if (last.size <= FEW) {
+    // Find the few items `last` names by their key values rather than keying every item.
+    const wanted: Array<[string, unknown[]]> = [];
+    for (const [pe] of last.entries()) {
+      const parsed = parsePE(pe);
+      if (parsed.type === 'k' && rt.rel === 'map') {
+        const byName = new Map(parsed.fields);
+        if (rt.sortedKeys.length === parsed.fields.length && rt.sortedKeys.every((k) => byName.has(k))) wanted.push([pe, rt.sortedKeys.map((k) => byName.get(k))]);
+      } else if (parsed.type === 'v' && rt.rel === 'set') wanted.push([pe, [parsed.value]]);
+    }
+    for (let i = 0; i < value.length; i++) for (const [pe, key] of wanted) if (hasKey(rt, value[i], key)) add(pe, i);
+  } else {
+    for (let i = 0; i < value.length; i++) add(listItemPE(rt, value[i], '', i), i);
   }
   const drop = new Set<number>();
   const replace = new Map<number, unknown>();
-  for (const [pe, e] of last.map) {
+  for (const [pe, e] of last.entries()) {
     const idxs = index.get(pe);
     if (!idxs) continue;
     const others = owned.flatMap((s) => {

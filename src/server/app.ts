@@ -135,6 +135,14 @@ function parseYaml(raw: string): unknown {
   }
 }
 
+/**
+ * Sends text with exactly this Content-Type: fastify rewrites the media-type parameters of string
+ * JSON payloads (quoting them and adding a charset), which strict clients compare against.
+ */
+function sendText(reply: FastifyReply, code: number, contentType: string, body: string): void {
+  void reply.code(code).header('content-type', contentType).send(Buffer.from(body, 'utf8'));
+}
+
 function warningHeader(warnings: readonly string[]): string[] {
   return [...new Set(warnings)].map((w) => `299 - ${JSON.stringify(w.replace(/[\r\n]+/g, ' '))}`);
 }
@@ -184,7 +192,7 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
 
   function sendStatus(reply: FastifyReply, e: ApiError): void {
     if (e.details?.retryAfterSeconds) reply.header('Retry-After', String(e.details.retryAfterSeconds));
-    void reply.code(e.code).type('application/json').send(JSON.stringify(e.toStatus()));
+    sendText(reply, e.code, 'application/json', JSON.stringify(e.toStatus()));
   }
 
   // Authentication and authorization, as kube-apiserver's filter chain; health needs neither.
@@ -285,21 +293,25 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
   const sendDiscovery = (req: FastifyRequest, reply: FastifyReply, legacy: () => unknown, v2: (v: 'v2' | 'v2beta1') => unknown) => {
     const n = negotiate(req.headers.accept, 'discovery');
     const body = n.shape.kind === 'discovery' ? v2(n.shape.version) : legacy();
-    void reply.type(n.shape.kind === 'discovery' ? n.contentType : n.mediaType === 'application/yaml' ? 'application/yaml' : 'application/json');
-    void reply.send(n.mediaType === 'application/yaml' ? YAML.stringify(body) : JSON.stringify(body));
+    sendText(
+      reply,
+      200,
+      n.shape.kind === 'discovery' ? n.contentType : n.mediaType,
+      n.mediaType === 'application/yaml' ? YAML.stringify(body) : JSON.stringify(body),
+    );
   };
   app.get('/api', (req, reply) => sendDiscovery(req, reply, coreVersions, emptyAggregatedDiscovery));
   app.get('/apis', (req, reply) => sendDiscovery(req, reply, () => apiGroupList(resources), (v) => aggregatedDiscovery(resources, v)));
   app.get('/apis/:group', async (req, reply) => {
     const g = apiGroup(resources, (req.params as { group: string }).group);
     if (!g) throw errors.notFound({ group: '', resource: 'groups' }, (req.params as { group: string }).group);
-    void reply.type('application/json').send(JSON.stringify(g));
+    sendText(reply, 200, 'application/json', JSON.stringify(g));
   });
   app.get('/apis/:group/:version', async (req, reply) => {
     const { group, version } = req.params as { group: string; version: string };
     const list = apiResourceList(resources, group, version);
     if (!list) throw new ApiError('NotFound', `the server could not find the requested resource: no API ${group}/${version}`);
-    void reply.type('application/json').send(JSON.stringify(list));
+    sendText(reply, 200, 'application/json', JSON.stringify(list));
   });
 
   app.get('/openapi/v2', async (req, reply) => {
@@ -307,9 +319,9 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
     if (!/application\/json|\*\/\*/.test(accept) && accept !== '') {
       throw errors.notAcceptable(['application/json']);
     }
-    void reply.type('application/json').header('ETag', `"${openapi.v3.values().next().value?.hash ?? ''}"`).send(openapi.v2);
+    sendText(reply, 200, 'application/json', openapi.v2);
   });
-  app.get('/openapi/v3', async (_req, reply) => void reply.type('application/json').send(openapi.v3Index));
+  app.get('/openapi/v3', async (_req, reply) => sendText(reply, 200, 'application/json', openapi.v3Index));
   app.get('/openapi/v3/*', async (req, reply) => {
     const path = (req.params as { '*': string })['*'];
     const doc = openapi.v3.get(path);
@@ -317,7 +329,7 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
     const hash = one(req.query as Query, 'hash');
     reply.header('ETag', `"${doc.hash}"`);
     reply.header('Cache-Control', hash === doc.hash ? 'public, immutable' : 'no-cache, private');
-    void reply.type('application/json').send(doc.body);
+    sendText(reply, 200, 'application/json', doc.body);
   });
 
   // ---- Resources -----------------------------------------------------------------------------
@@ -398,7 +410,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
       default:
         body = n.mediaType === 'application/yaml' ? YAML.stringify(d.obj) : d.json;
     }
-    void reply.code(code).type(n.contentType).send(body);
+    sendText(reply, code, n.contentType, body);
   };
 
   const listBody = (n: Negotiated, list: ListResult, q: Query): string => {
@@ -487,7 +499,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
     const allowBookmarks = bool(q, 'allowWatchBookmarks') ?? false;
     const timeoutSeconds = int(q, 'timeoutSeconds') ?? MIN_REQUEST_TIMEOUT_SECONDS * (1 + Math.random());
     const abort = new AbortController();
-    const iterator = registry.watch(
+    const iterator = await registry.watch(
       {
         ...(one(q, 'labelSelector') ? { labelSelector: one(q, 'labelSelector')! } : {}),
         ...(fieldSelector ? { fieldSelector } : {}),
@@ -498,9 +510,6 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
       },
       abort.signal,
     );
-    // Pull the first item before answering, so that a bad request still gets a plain error status.
-    const first = await iterator.next();
-
     const res = reply.raw;
     reply.hijack();
     res.writeHead(200, {
@@ -557,12 +566,11 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
         }, registry.bookmarkIntervalMs)
       : undefined;
     try {
-      if (!first.done) await write(encode(first.value));
-      while (!abort.signal.aborted && !first.done) {
-        const next = await Promise.race([
-          iterator.next(),
-          new Promise<IteratorResult<WatchItem>>((resolve) => abort.signal.addEventListener('abort', () => resolve({ done: true, value: undefined }), { once: true })),
-        ]);
+      const aborted = new Promise<IteratorResult<WatchItem>>((resolve) =>
+        abort.signal.addEventListener('abort', () => resolve({ done: true, value: undefined }), { once: true }),
+      );
+      while (!abort.signal.aborted) {
+        const next = await Promise.race([iterator.next(), aborted]);
         if (next.done) break;
         await write(encode(next.value));
         if (next.value.type === 'ERROR') break;
@@ -588,7 +596,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
     if (bool(q, 'watch')) return serveWatch(req, reply);
     const n = negotiate(req.headers.accept, 'list');
     const list = await registry.list(listParams(q));
-    void reply.type(n.contentType).send(listBody(n, list, q));
+    sendText(reply, 200, n.contentType, listBody(n, list, q));
   });
   app.get(`${base}/watch/${def.plural}`, (req, reply) => serveWatch(req, reply));
   app.get(`${base}/watch/${def.plural}/:name`, (req, reply) => serveWatch(req, reply, (req.params as { name: string }).name));
@@ -604,7 +612,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
     const { params, dryRun } = deleteParams(req);
     const list = await registry.deleteCollection(listParams(req.query as Query), params, { ...ctx, dryRun: ctx.dryRun || dryRun });
     const n = negotiate(req.headers.accept, 'list');
-    void reply.type(n.contentType).send(listBody(n, list, req.query as Query));
+    sendText(reply, 200, n.contentType, listBody(n, list, req.query as Query));
   });
 
   for (const sub of ['', 'status'] as const) {
@@ -646,7 +654,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
     const name = (req.params as { name: string }).name;
     const { decoded, deleted } = await registry.delete(name, params, { ...ctx, dryRun: ctx.dryRun || dryRun });
     if (deleted && negotiate(req.headers.accept, 'get').shape.kind !== 'object') {
-      void reply.type('application/json').send(JSON.stringify(successStatus({ name, group: def.group, kind: def.plural, uid: String(decoded.obj.metadata.uid) })));
+      sendText(reply, 200, 'application/json', JSON.stringify(successStatus({ name, group: def.group, kind: def.plural, uid: String(decoded.obj.metadata.uid) })));
       return;
     }
     sendOne(req, reply, decoded, 200, ctx);

@@ -678,22 +678,26 @@ export class ResourceRegistry {
    * errors later in the stream come as an ERROR item. Objects that stop (start) matching the
    * selectors are sent as DELETED (ADDED), as kube-apiserver does.
    */
-  async *watch(p: WatchParams, signal: AbortSignal): AsyncGenerator<WatchItem> {
+  async watch(p: WatchParams, signal: AbortSignal): Promise<AsyncGenerator<WatchItem>> {
+    // Everything that can fail with a plain error status runs before the stream starts.
     const { labels, fields } = this.selectors(p);
     const visible = new Set<string>();
     const rvParam = p.resourceVersion ?? '';
     const initial = p.sendInitialEvents === true || rvParam === '' || rvParam === '0';
     if (p.sendInitialEvents !== undefined && p.resourceVersionMatch !== 'NotOlderThan') {
       throw errors.invalid(this.groupResource, this.definition.kind, '', [
-        toCause(fieldError.forbidden('sendInitialEvents', "sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan")),
+        toCause(fieldError.forbidden('sendInitialEvents', 'sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan')),
       ]);
     }
     let from: number;
-    let seed: Decoded[] = [];
+    let seed: readonly Decoded[] = [];
     if (initial) {
-      const snap = await this.list({ ...(p.labelSelector ? { labelSelector: p.labelSelector } : {}), ...(p.fieldSelector ? { fieldSelector: p.fieldSelector } : {}) });
+      const snap = await this.list({
+        ...(p.labelSelector ? { labelSelector: p.labelSelector } : {}),
+        ...(p.fieldSelector ? { fieldSelector: p.fieldSelector } : {}),
+      });
       from = Number(snap.resourceVersion);
-      seed = [...snap.items];
+      seed = snap.items;
     } else {
       from = parseRevision(rvParam, 'resourceVersion');
       if (!(labels.empty && fields.empty)) {
@@ -705,39 +709,44 @@ export class ResourceRegistry {
         }
       }
     }
-    let watcher;
+    let watcher: ReturnType<Store['watch']>;
     try {
       watcher = this.store.watch(this.prefix, { fromRevision: from, signal });
     } catch (err) {
       if (err instanceof StoreError && err.code === 'Expired') {
-        yield { type: 'ERROR', error: errors.expired(`too old resource version: ${from} (${await this.compactedRevision()})`) };
-        return;
+        const error = errors.expired(`too old resource version: ${from} (${await this.compactedRevision()})`);
+        return (async function* () {
+          yield { type: 'ERROR', error } as WatchItem;
+        })();
       }
       this.storeError(err, '');
     }
-    try {
-      for (const d of seed) {
-        visible.add(this.key(d.obj.metadata.name!));
-        yield { type: 'ADDED', decoded: d };
+    const self = this;
+    return (async function* (): AsyncGenerator<WatchItem> {
+      try {
+        for (const d of seed) {
+          visible.add(self.key(d.obj.metadata.name!));
+          yield { type: 'ADDED', decoded: d };
+        }
+        if (p.sendInitialEvents && p.allowWatchBookmarks) {
+          yield { type: 'BOOKMARK', resourceVersion: String(from), initialEventsEnd: true };
+        }
+        for await (const ev of watcher) {
+          const item = self.filterEvent(ev, labels, fields, visible);
+          if (item) yield item;
+        }
+      } catch (err) {
+        if (signal.aborted) return;
+        if (err instanceof StoreError && err.code === 'Expired') {
+          yield { type: 'ERROR', error: errors.expired(`the watch fell behind and was closed, start a new watch: ${err.message}`) };
+          return;
+        }
+        self.log.error({ err }, 'watch failed');
+        yield { type: 'ERROR', error: errors.internal('watch failed', err) };
+      } finally {
+        watcher.close();
       }
-      if (p.sendInitialEvents && p.allowWatchBookmarks) {
-        yield { type: 'BOOKMARK', resourceVersion: String(from), initialEventsEnd: true };
-      }
-      for await (const ev of watcher) {
-        const item = this.filterEvent(ev, labels, fields, visible);
-        if (item) yield item;
-      }
-    } catch (err) {
-      if (signal.aborted) return;
-      if (err instanceof StoreError && err.code === 'Expired') {
-        yield { type: 'ERROR', error: errors.expired(`the watch fell behind and was closed, start a new watch: ${err.message}`) };
-        return;
-      }
-      this.log.error({ err }, 'watch failed');
-      yield { type: 'ERROR', error: errors.internal('watch failed', err) };
-    } finally {
-      watcher.close();
-    }
+    })();
   }
 
   private filterEvent(ev: StoreEvent, labels: LabelSelector, fields: FieldSelector, visible: Set<string>): WatchItem | undefined {

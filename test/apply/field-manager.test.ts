@@ -53,7 +53,7 @@ function fields(obj: JsonObject, manager: string, operation?: 'Apply' | 'Update'
 
 /** Same content and same key order (kube's serialisation order). */
 function sameJSON(tt: Test, actual: unknown, expected: unknown, message?: string) {
-  tt.equal(JSON.stringify(actual, null, 1), JSON.stringify(expected, null, 1), message);
+  tt.equal(JSON.stringify(actual, null, 1), JSON.stringify(expected, null, 1), message ?? 'same JSON, same key order');
 }
 
 function module(namespace: string, name: string, extra: JsonObject = {}): JsonObject {
