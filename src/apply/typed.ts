@@ -90,8 +90,11 @@ function itemPE(t: ListType, item: unknown, index: number, stack: readonly strin
   }
 }
 
-/** Largest number of items handled by the key-scan fast paths (beyond it, every item is keyed). */
-const FEW = 8;
+/**
+ * Largest number of differing / applied / previously applied items handled by the key-scan fast
+ * paths (beyond it, every item of the list is keyed). Mutable for tests (-1 disables them).
+ */
+export const tuning = { fewItems: 8 };
 
 /** The values identifying a list item (key fields in sorted order, or the value of a set item). */
 function keyValues(t: ListType, item: unknown): unknown[] | undefined {
@@ -253,13 +256,13 @@ function cmp(l: unknown, r: unknown, t: TypeNode, stack: string[], c: CompareSta
     if (isEmptyContainer(la) && isEmptyContainer(ra)) return leaf();
     let lItems = la ?? [];
     let rItems = ra ?? [];
-    if (la && ra && la.length === ra.length) {
+    if (tuning.fewItems >= 0 && la && ra && la.length === ra.length) {
       // Items equal at the same position cannot change anything unless a differing item shares
       // their key: compare only the differing ones when they are few and share no key.
       const diff: number[] = [];
-      for (let i = 0; i < la.length && diff.length <= FEW; i++) if (la[i] !== ra[i] && !deepEqual(la[i], ra[i])) diff.push(i);
+      for (let i = 0; i < la.length && diff.length <= tuning.fewItems; i++) if (la[i] !== ra[i] && !deepEqual(la[i], ra[i])) diff.push(i);
       if (diff.length === 0) return;
-      if (diff.length <= FEW) {
+      if (diff.length <= tuning.fewItems) {
         const keys: unknown[][] = [];
         let usable = true;
         for (const i of diff) {
@@ -399,7 +402,7 @@ function mergeList(lhs: unknown[], rhs: unknown[], t: ListType, stack: string[])
   const observedL = new Map<string, unknown>();
   // With few configuration items only the live items sharing their keys matter: the others are
   // given a placeholder that matches nothing, instead of their key.
-  const rKeys = rhs.length <= FEW ? rhs.map((item) => keyValues(t, item)) : undefined;
+  const rKeys = rhs.length <= tuning.fewItems ? rhs.map((item) => keyValues(t, item)) : undefined;
   const scan = rKeys !== undefined && rKeys.every((k) => k !== undefined);
   for (let i = 0; i < lhs.length; i++) {
     let pe: string;
@@ -516,7 +519,7 @@ function pruneWalk(value: unknown, t: TypeNode, last: FieldSet, owned: readonly 
     if (g) g.push(i);
     else index.set(pe, [i]);
   };
-  if (last.size <= FEW) {
+  if (last.size <= tuning.fewItems) {
     // Find the few items `last` names by their key values rather than keying every item.
     const wanted: Array<[string, unknown[]]> = [];
     for (const [pe] of last.entries()) {
