@@ -5,8 +5,9 @@
  *   node bench/api.ts             full run (a few minutes)
  *   node bench/api.ts --quick     smoke run for CI (well under a minute)
  *   node bench/api.ts --json      machine-readable JSON on stdout instead of the tables
- *   node bench/api.ts --server-node-options "--cpu-prof --cpu-prof-dir=/tmp/kmm-prof"
- *                                 NODE_OPTIONS for the server child only (profiling)
+ *   node bench/api.ts --phases=get,watch,create   only some phases (default: all three)
+ *   node bench/api.ts --server-node-options="--cpu-prof --cpu-prof-dir=/tmp/kmm-prof"
+ *                                 NODE_OPTIONS for the server child only (profiling; note the `=`)
  *
  * Phases: (1) GET of one object with 10,000 module statuses, as JSON and as kubectl's Table;
  * (2) latency from a status PATCH to the MODIFIED event at 100 concurrent watchers, for a small
@@ -38,18 +39,38 @@ const GOAL_WATCH_P99_MS = 100;
 
 // ---- Options ---------------------------------------------------------------------------------
 
-const { values: args } = parseArgs({
-  options: {
-    quick: { type: 'boolean', default: false },
-    json: { type: 'boolean', default: false },
-    'server-node-options': { type: 'string' },
-    help: { type: 'boolean', short: 'h', default: false },
-  },
-  strict: true,
-  allowPositionals: false,
-});
+const USAGE = 'usage: node bench/api.ts [--quick] [--json] [--phases=get,watch,create] [--server-node-options="<NODE_OPTIONS of the server>"]\n';
+const PHASES = ['get', 'watch', 'create'] as const;
+type Phase = (typeof PHASES)[number];
+
+function parseCommandLine() {
+  try {
+    const { values } = parseArgs({
+      options: {
+        quick: { type: 'boolean', default: false },
+        json: { type: 'boolean', default: false },
+        phases: { type: 'string', default: PHASES.join(',') },
+        'server-node-options': { type: 'string' },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+      strict: true,
+      allowPositionals: false,
+    });
+    const phases = new Set<Phase>();
+    for (const p of values.phases.split(',').map((x) => x.trim()).filter(Boolean)) {
+      if (!(PHASES as readonly string[]).includes(p)) throw new Error(`unknown phase "${p}": expected some of ${PHASES.join(',')}`);
+      phases.add(p as Phase);
+    }
+    return { ...values, phases };
+  } catch (err) {
+    process.stderr.write(`bench/api.ts: ${(err as Error).message}\n${USAGE}`);
+    process.exit(2);
+  }
+}
+
+const args = parseCommandLine();
 if (args.help) {
-  process.stdout.write('usage: node bench/api.ts [--quick] [--json] [--server-node-options "<NODE_OPTIONS for the server>"]\n');
+  process.stdout.write(USAGE);
   process.exit(0);
 }
 
@@ -260,11 +281,21 @@ interface ProcSample {
   readonly vmHwmKiB: number | null;
   /** Server CPU seconds (user + system) since the previous sample. */
   readonly cpuSeconds: number | null;
+  /** CPU seconds of this benchmark process (the clients) since the previous sample. */
+  readonly clientCpuSeconds: number;
+}
+
+let lastClientCpu = process.cpuUsage();
+function clientCpu(): number {
+  const d = process.cpuUsage(lastClientCpu);
+  lastClientCpu = process.cpuUsage();
+  return round((d.user + d.system) / 1e6);
 }
 
 let lastCpuTicks: number | undefined;
 function sampleProcess(pid: number | undefined, after: string): ProcSample {
-  if (pid === undefined) return { after, vmRssKiB: null, vmHwmKiB: null, cpuSeconds: null };
+  const clientCpuSeconds = clientCpu();
+  if (pid === undefined) return { after, vmRssKiB: null, vmHwmKiB: null, cpuSeconds: null, clientCpuSeconds };
   let vmRssKiB: number | null = null;
   let vmHwmKiB: number | null = null;
   let cpuSeconds: number | null = null;
@@ -285,7 +316,7 @@ function sampleProcess(pid: number | undefined, after: string): ProcSample {
   } catch {
     // the process is gone or /proc is not readable: n/a
   }
-  return { after, vmRssKiB, vmHwmKiB, cpuSeconds: cpuSeconds === null ? null : round(cpuSeconds) };
+  return { after, vmRssKiB, vmHwmKiB, cpuSeconds: cpuSeconds === null ? null : round(cpuSeconds), clientCpuSeconds };
 }
 
 // ---- Test data -------------------------------------------------------------------------------
@@ -343,13 +374,13 @@ const JSON_CT = { 'content-type': 'application/json' };
 
 // ---- Phase 1: GET of a 10,000-module object ---------------------------------------------------
 
-interface GetResult {
-  readonly statusWrite: { readonly bodyBytes: number; readonly ms: number };
-  readonly json: Summary & { readonly bytes: number; readonly connections: number };
-  readonly table: Summary & { readonly bytes: number; readonly connections: number };
+interface StatusWrite {
+  readonly bodyBytes: number;
+  readonly ms: number;
 }
 
-async function phaseGet(server: TestServer, tls: Tls, bigName: string): Promise<GetResult> {
+/** Creates the big object and writes its 10,000-module status, as the durability test does. */
+async function createBigObject(server: TestServer, tls: Tls, bigName: string): Promise<StatusWrite> {
   const client = new Client(server, tls, 1);
   try {
     await expectStatus(client.request('POST', BASE, { body: createBody(bigName), headers: JSON_CT }), 201, `create ${bigName}`);
@@ -357,7 +388,20 @@ async function phaseGet(server: TestServer, tls: Tls, bigName: string): Promise<
     const body = JSON.stringify({ status: statusOf(moduleStatuses(PLAN.modules, now), 'verifying 10,000 modules', now) });
     const write = await expectStatus(client.request('PATCH', `${BASE}/${bigName}/status`, { body, headers: MERGE }), 200, 'write the 10,000-module status');
     progress(`wrote the ${PLAN.modules}-module status (${Buffer.byteLength(body)} bytes) in ${write.ms.toFixed(0)} ms`);
+    return { bodyBytes: Buffer.byteLength(body), ms: round(write.ms) };
+  } finally {
+    client.close();
+  }
+}
 
+interface GetResult {
+  readonly json: Summary & { readonly bytes: number; readonly connections: number };
+  readonly table: Summary & { readonly bytes: number; readonly connections: number };
+}
+
+async function phaseGet(server: TestServer, tls: Tls, bigName: string): Promise<GetResult> {
+  const client = new Client(server, tls, 1);
+  try {
     const measure = async (accept: string, label: string) => {
       const c = new Client(server, tls, 1);
       try {
@@ -388,7 +432,7 @@ async function phaseGet(server: TestServer, tls: Tls, bigName: string): Promise<
     const table = await measure(TABLE_ACCEPT, 'Table');
     const t = JSON.parse((await client.request('GET', `${BASE}/${bigName}`, { headers: { accept: TABLE_ACCEPT } })).body.toString('utf8')) as { kind?: string };
     if (t.kind !== 'Table') throw new Error(`the Table Accept header got kind ${String(t.kind)}`);
-    return { statusWrite: { bodyBytes: Buffer.byteLength(body), ms: round(write.ms) }, json, table };
+    return { json, table };
   } finally {
     client.close();
   }
@@ -624,7 +668,10 @@ interface CreateRun {
   readonly latency: Summary;
 }
 
+let createRunIndex = 0;
+
 async function phaseCreate(server: TestServer, tls: Tls, concurrency: number): Promise<CreateRun> {
+  const runIndex = createRunIndex++;
   const clients = Array.from({ length: concurrency }, () => new Client(server, tls, 1));
   try {
     // Open and warm every connection first: connection setup is not measured.
@@ -637,7 +684,7 @@ async function phaseCreate(server: TestServer, tls: Tls, concurrency: number): P
       clients.map(async (c, ci) => {
         for (let i = 0; i < PLAN.createMaxPerClient && performance.now() < end; i++) {
           checkDeadline('creates');
-          const name = `bench-c${concurrency}-${ci}-${i}`;
+          const name = `bench-r${runIndex}-c${concurrency}-${ci}-${i}`;
           const r = await expectStatus(c.request('POST', BASE, { body: createBody(name, `6.1.0-${i % 40}-amd64`), headers: JSON_CT }), 201, `create ${name}`);
           latencies.push(r.ms);
           last = Math.max(last, performance.now());
@@ -669,6 +716,9 @@ interface Report {
   readonly cpuModel: string;
   readonly plan: Plan;
   readonly serverPid: number | null;
+  readonly phases: readonly Phase[];
+  /** Creating the 10,000-module status (setup of phases 1 and 2). */
+  readonly statusWrite?: StatusWrite;
   readonly get?: GetResult;
   readonly watch?: WatchResult;
   readonly create?: readonly CreateRun[];
@@ -688,7 +738,9 @@ function formatReport(r: Report): string {
   const out: string[] = [];
   const mem = (after: string) => {
     const s = r.process.find((p) => p.after === after);
-    return s ? `  server: VmRSS ${mib(s.vmRssKiB)}, VmHWM ${mib(s.vmHwmKiB)}, CPU ${s.cpuSeconds === null ? 'n/a' : `${s.cpuSeconds.toFixed(2)} s`} during the phase` : '  server: n/a';
+    return s
+      ? `  server after the phase: VmRSS ${mib(s.vmRssKiB)}, VmHWM ${mib(s.vmHwmKiB)}; CPU during the phase: server ${s.cpuSeconds === null ? 'n/a' : `${s.cpuSeconds.toFixed(2)} s`}, bench clients ${s.clientCpuSeconds.toFixed(2)} s`
+      : '  server: n/a';
   };
   const goalLine = (name: string) => {
     const g = r.goals.find((x) => x.goal === name);
@@ -699,11 +751,13 @@ function formatReport(r: Report): string {
   out.push(`command: ${r.command}`);
   const start = r.process.find((p) => p.after === 'startup');
   if (start) out.push(`after startup: server VmRSS ${mib(start.vmRssKiB)}, VmHWM ${mib(start.vmHwmKiB)}`);
+  if (r.statusWrite) {
+    out.push(`setup: writing the ${r.plan.modules}-module status (PATCH /status, merge patch of ${bytes(r.statusWrite.bodyBytes)}) took ${num(r.statusWrite.ms)} ms`);
+  }
   if (r.get) {
     const g = r.get;
     out.push('');
     out.push(`1. GET of one PreflightValidation with ${r.plan.modules} module statuses (${r.plan.getN} sequential GETs after ${r.plan.getWarmup} warm-up, one keep-alive connection)`);
-    out.push(`   status write (PATCH /status, merge patch of ${bytes(g.statusWrite.bodyBytes)}): ${num(g.statusWrite.ms)} ms`);
     out.push(`   ${padEnd('Accept', 18)}${pad('n', 5)}${pad('p50 ms', 9)}${pad('p90 ms', 9)}${pad('p99 ms', 9)}${pad('max ms', 9)}${pad('body', 12)}${pad('conns', 7)}`);
     for (const [label, s] of [['application/json', g.json], ['Table (kubectl)', g.table]] as const) {
       out.push(`   ${padEnd(label, 18)}${pad(s.n, 5)}${pad(num(s.p50), 9)}${pad(num(s.p90), 9)}${pad(num(s.p99), 9)}${pad(num(s.max), 9)}${pad(bytes(s.bytes), 12)}${pad(s.connections, 7)}`);
@@ -751,6 +805,7 @@ async function main(): Promise<number> {
   const goals: Goal[] = [];
   let server: TestServer | undefined;
   let pid: number | undefined;
+  let statusWrite: StatusWrite | undefined;
   let get: GetResult | undefined;
   let watch: WatchResult | undefined;
   const create: CreateRun[] = [];
@@ -791,29 +846,41 @@ async function main(): Promise<number> {
       key: await readFile(join(server.certDir, 'admin.key')),
     };
 
-    progress('phase 1: GET of the 10,000-module object');
-    get = await phaseGet(server, tls, 'bench-ten-thousand');
-    samples.push(sampleProcess(pid, 'get'));
-    goals.push({ goal: `GET p50 < ${GOAL_GET_P50_MS} ms`, limitMs: GOAL_GET_P50_MS, valueMs: get.json.p50, met: get.json.p50 < GOAL_GET_P50_MS });
-    progress(`GET p50 ${get.json.p50} ms, p99 ${get.json.p99} ms; Table p50 ${get.table.p50} ms`);
-
-    progress(`phase 2: ${PLAN.watchers} watchers`);
-    watch = await phaseWatch(server, tls, 'bench-small', 'bench-ten-thousand');
-    samples.push(sampleProcess(pid, 'watch'));
-    goals.push({
-      goal: `watch p99 < ${GOAL_WATCH_P99_MS} ms (small object)`,
-      limitMs: GOAL_WATCH_P99_MS,
-      valueMs: watch.small.delay.p99,
-      met: watch.small.delay.p99 < GOAL_WATCH_P99_MS,
-    });
-
-    for (const c of PLAN.createClients) {
-      progress(`phase 3: creates with ${c} client(s) for ${PLAN.createSeconds} s`);
-      const run = await phaseCreate(server, tls, c);
-      create.push(run);
-      progress(`${c} client(s): ${run.perSecond} creates/s, p50 ${run.latency.p50} ms`);
+    const big = 'bench-ten-thousand';
+    if (args.phases.has('get') || args.phases.has('watch')) {
+      statusWrite = await createBigObject(server, tls, big);
+      samples.push(sampleProcess(pid, 'setup'));
     }
-    samples.push(sampleProcess(pid, 'create'));
+
+    if (args.phases.has('get')) {
+      progress(`phase 1: GET of the ${PLAN.modules}-module object`);
+      get = await phaseGet(server, tls, big);
+      samples.push(sampleProcess(pid, 'get'));
+      goals.push({ goal: `GET p50 < ${GOAL_GET_P50_MS} ms`, limitMs: GOAL_GET_P50_MS, valueMs: get.json.p50, met: get.json.p50 < GOAL_GET_P50_MS });
+      progress(`GET p50 ${get.json.p50} ms, p99 ${get.json.p99} ms; Table p50 ${get.table.p50} ms`);
+    }
+
+    if (args.phases.has('watch')) {
+      progress(`phase 2: ${PLAN.watchers} watchers`);
+      watch = await phaseWatch(server, tls, 'bench-small', big);
+      samples.push(sampleProcess(pid, 'watch'));
+      goals.push({
+        goal: `watch p99 < ${GOAL_WATCH_P99_MS} ms (small object)`,
+        limitMs: GOAL_WATCH_P99_MS,
+        valueMs: watch.small.delay.p99,
+        met: watch.small.delay.p99 < GOAL_WATCH_P99_MS,
+      });
+    }
+
+    if (args.phases.has('create')) {
+      for (const c of PLAN.createClients) {
+        progress(`phase 3: creates with ${c} client(s) for ${PLAN.createSeconds} s`);
+        const run = await phaseCreate(server, tls, c);
+        create.push(run);
+        progress(`${c} client(s): ${run.perSecond} creates/s, p50 ${run.latency.p50} ms`);
+      }
+      samples.push(sampleProcess(pid, 'create'));
+    }
   } catch (err) {
     error = err instanceof Error ? err.message : String(err);
     progress(`error: ${error}`);
@@ -837,6 +904,8 @@ async function main(): Promise<number> {
     cpuModel: cpus()[0]?.model ?? 'unknown',
     plan: PLAN,
     serverPid: pid ?? null,
+    phases: PHASES.filter((p) => args.phases.has(p)),
+    ...(statusWrite ? { statusWrite } : {}),
     ...(get ? { get } : {}),
     ...(watch ? { watch } : {}),
     ...(create.length > 0 ? { create } : {}),

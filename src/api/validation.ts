@@ -100,7 +100,47 @@ function ajvToFieldErrors(errs: readonly ErrorObject[], data: Json): FieldError[
 /** A compiled validator for one kind: returns field errors (empty when valid). */
 export function compileObjectValidator(ajv: Ajv, schema: JsonSchema): (obj: Json) => FieldError[] {
   const validate: ValidateFunction = ajv.compile(schema);
-  return (obj) => (validate(obj) ? [] : ajvToFieldErrors(validate.errors ?? [], obj));
+  return (obj) => {
+    if (!validate(obj)) return ajvToFieldErrors(validate.errors ?? [], obj);
+    const dups: FieldError[] = [];
+    checkListTypes(schema, obj, '', dups);
+    return dups;
+  };
+}
+
+/**
+ * `x-kubernetes-list-type` map and set lists must not repeat a key (a Module listed twice in
+ * status.modules would make its verdict ambiguous), as kube-apiserver enforces for CRDs.
+ */
+function checkListTypes(schema: JsonSchema, value: Json, path: string, out: FieldError[]): void {
+  if (value === null || typeof value !== 'object') return;
+  if (Array.isArray(value)) {
+    const listType = schema['x-kubernetes-list-type'];
+    const items = schema['items'] as JsonSchema | undefined;
+    if (listType === 'map' || listType === 'set') {
+      const keys = (schema['x-kubernetes-list-map-keys'] as string[] | undefined) ?? [];
+      const seen = new Set<string>();
+      value.forEach((item, i) => {
+        const key =
+          listType === 'set'
+            ? JSON.stringify(item)
+            : JSON.stringify(keys.map((k) => (item as Record<string, Json> | null)?.[k] ?? null));
+        if (seen.has(key)) {
+          const badValue = listType === 'set' ? item : Object.fromEntries(keys.map((k) => [k, (item as Record<string, Json>)[k]]));
+          out.push({ type: 'FieldValueDuplicate', field: `${path}[${i}]`, badValue, detail: '' });
+        }
+        seen.add(key);
+      });
+    }
+    if (items) value.forEach((v, i) => checkListTypes(items, v, `${path}[${i}]`, out));
+    return;
+  }
+  const props = schema['properties'] as Record<string, JsonSchema> | undefined;
+  if (!props) return;
+  for (const [k, sub] of Object.entries(props)) {
+    const v = (value as Record<string, Json>)[k];
+    if (v !== undefined) checkListTypes(sub, v, path === '' ? k : `${path}.${k}`, out);
+  }
 }
 
 const DNS1123_LABEL = '[a-z0-9]([-a-z0-9]*[a-z0-9])?';

@@ -19,7 +19,7 @@
  * annotations granular maps, finalizers a set, ownerReferences a map list keyed by uid of atomic
  * items, managedFields atomic), as kube does for custom resources whatever the CRD schema says.
  */
-import { compareStrings, fieldPE, goJSON, keyPESorted, valuePE, type JsonObject } from './field-set.ts';
+import { compareStrings, goJSON, keyPESorted, valuePE, type JsonObject } from './field-set.ts';
 
 export type TypeNode = LeafType | MapType | ListType | DeducedType;
 
@@ -318,4 +318,3 @@ export function listItemPE(t: ListType, item: unknown, path: string, index: numb
   return 'i:' + String(index);
 }
 
-export { fieldPE };

@@ -11,10 +11,17 @@ import type { KubeObject, ResourceDefinition } from '../api/resources.ts';
 import { API_VERSION } from '../api/schema.ts';
 import { fieldError, toCause, type FieldError } from '../api/field-errors.ts';
 import { compileObjectValidator, pruneUnknownFields, validateObjectMeta } from '../api/validation.ts';
-import { ApplyConflictError, conflictCauses, formatConflictMessage, type FieldManager } from '../apply/field-manager.ts';
+import {
+  ApplyBadRequestError,
+  ApplyConflictError,
+  FieldManagerError,
+  conflictCauses,
+  formatConflictMessage,
+  type FieldManager,
+} from '../apply/field-manager.ts';
 import type { UserInfo } from '../auth/types.ts';
 import { StoreError, type Store, type StoredValue, type StoreEvent } from '../storage/store.ts';
-import { ApiError, errors, type GroupResource } from './errors.ts';
+import { ApiError, errors, toApiError as toApiErrorLike, type GroupResource } from './errors.ts';
 import { jsonPatch, mergePatch, strategicMergePatch, type PatchType } from './patch.ts';
 import { parseFieldSelector, parseLabelSelector, type FieldSelector, type LabelSelector } from './selectors.ts';
 
@@ -216,6 +223,16 @@ export class ResourceRegistry {
     throw errors.internal(err instanceof Error ? err.message : String(err), err);
   }
 
+  /** Field-manager failures as kube-apiserver answers them. */
+  private fieldManagerError(err: unknown, name: string): ApiError {
+    if (err instanceof ApiError) return err;
+    if (err instanceof ApplyBadRequestError) return errors.badRequest(err.message);
+    if (err instanceof FieldManagerError) {
+      return errors.internal(`failed to create typed patch object (${this.definition.kind} ${name}): ${err.message}`, err);
+    }
+    return toApiErrorLike(err);
+  }
+
   async get(name: string): Promise<Decoded> {
     let sv: StoredValue | undefined;
     try {
@@ -398,9 +415,14 @@ export class ResourceRegistry {
     m.uid = randomUUID();
     m.creationTimestamp = rfc3339(this.now());
     m.generation = 1;
-    const withFields = applied
-      ? (this.fm.apply({ current: undefined, applied, manager, force: true, subresource: '' }) as KubeObject)
-      : (this.fm.update({ previous: undefined, next: obj, manager, subresource: '' }) as KubeObject);
+    let withFields: KubeObject;
+    try {
+      withFields = applied
+        ? ({ ...(this.fm.apply({ current: undefined, applied, manager, force: true, subresource: '' }) as KubeObject) })
+        : (this.fm.update({ previous: undefined, next: obj, manager, subresource: '' }) as KubeObject);
+    } catch (err) {
+      throw this.fieldManagerError(err, m.name ?? '');
+    }
     if (applied) {
       // Apply computed the object from the applied configuration; keep the server-set metadata.
       withFields.metadata = { ...withFields.metadata, uid: m.uid, creationTimestamp: m.creationTimestamp, generation: 1 };
@@ -441,8 +463,13 @@ export class ResourceRegistry {
       out = structuredClone(current);
       if (next.status === undefined) delete out.status;
       else out.status = next.status;
+      // Server-side apply computed ownership on `next`; an update recomputes it from `current`.
+      if (next.metadata.managedFields !== undefined) out.metadata.managedFields = next.metadata.managedFields;
     } else {
-      out = next;
+      // `next` may share unchanged parts with `current` (server-side apply returns them as they
+      // are), and `current` is shared with other requests: copy what is changed below.
+      out = { ...next, metadata: { ...next.metadata } };
+      if (out.spec) out.spec = { ...out.spec };
       if (current.status === undefined) delete out.status;
       else out.status = structuredClone(current.status);
       const cm = current.metadata;
@@ -540,8 +567,11 @@ export class ResourceRegistry {
       const next = this.prepareForUpdate(current.obj, structuredClone(obj), subresource);
       next.metadata.resourceVersion = rv;
       this.check(next, true);
-      const tracked = this.fm.update({ previous: current.obj, next, manager, subresource }) as KubeObject;
-      return { next: tracked, pinned: true };
+      try {
+        return { next: this.fm.update({ previous: current.obj, next, manager, subresource }) as KubeObject, pinned: true };
+      } catch (err) {
+        throw this.fieldManagerError(err, name);
+      }
     });
     return r.decoded;
   }
@@ -576,6 +606,8 @@ export class ResourceRegistry {
       if (applied) {
         try {
           patched = this.fm.apply({ current: cur, applied, manager, force, subresource }) as KubeObject;
+          // The same object back means the apply changes nothing: no write.
+          if (patched === cur) return { next: cur, pinned: false };
         } catch (err) {
           if (err instanceof ApplyConflictError) {
             throw new ApiError('Conflict', formatConflictMessage(err.conflicts), {
@@ -585,7 +617,7 @@ export class ResourceRegistry {
               causes: conflictCauses(err.conflicts),
             });
           }
-          throw err;
+          throw this.fieldManagerError(err, name);
         }
       } else {
         const base = structuredClone(cur);
@@ -605,7 +637,14 @@ export class ResourceRegistry {
       const next = this.prepareForUpdate(cur, patched, subresource);
       if (pinned) next.metadata.resourceVersion = pinnedRv;
       this.check(next, true);
-      const tracked = applied ? next : (this.fm.update({ previous: cur, next, manager, subresource }) as KubeObject);
+      let tracked = next;
+      if (!applied) {
+        try {
+          tracked = this.fm.update({ previous: cur, next, manager, subresource }) as KubeObject;
+        } catch (err) {
+          throw this.fieldManagerError(err, name);
+        }
+      }
       return { next: tracked, pinned };
     });
   }

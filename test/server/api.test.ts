@@ -113,6 +113,19 @@ t.test('validation errors are 422 with field causes; OCP releaseImage must be an
   }
 });
 
+t.test('a Module listed twice in status.modules is a Duplicate value', async (t) => {
+  await create(pfv('dup'));
+  const mod = { namespace: 'a', name: 'b', verificationStatus: 'True', verificationStage: 'Done' };
+  const r = await h.app.inject({
+    method: 'PATCH',
+    url: `${PFV}/dup/status`,
+    headers: { 'content-type': 'application/merge-patch+json' },
+    payload: JSON.stringify({ status: { modules: [mod, { ...mod }] } }),
+  });
+  t.equal(r.statusCode, 422);
+  t.match(r.json().details.causes, [{ reason: 'FieldValueDuplicate', field: 'status.modules[1]' }]);
+});
+
 t.test('fieldValidation Strict rejects, Warn warns, Ignore drops unknown fields', async (t) => {
   const body = pfv('u', { spec: { bogus: 1 } });
   const strict = await create(body, '?fieldValidation=Strict');
@@ -235,6 +248,25 @@ t.test('server-side apply creates, records managedFields, and reports conflicts 
   t.equal(forced.json().spec.kernelVersion, '6.2.0-1-amd64');
   const noManager = await h.app.inject({ method: 'PATCH', url: `${PFV}/ssa`, headers: { 'content-type': 'application/apply-patch+yaml' }, payload: JSON.stringify(pfv('ssa')) });
   t.equal(noManager.statusCode, 422, 'apply requires a fieldManager');
+  const again = await apply(pfv('ssa', { spec: { kernelVersion: '6.2.0-1-amd64' } }), 'bob');
+  t.equal(again.json().metadata.resourceVersion, forced.json().metadata.resourceVersion, 'an apply that changes nothing does not write');
+  const cached = await h.app.inject({ method: 'GET', url: `${PFV}/ssa` });
+  t.same(cached.json(), forced.json(), 'and leaves the stored object untouched');
+  const statusApply = await h.app.inject({
+    method: 'PATCH',
+    url: `${PFV}/ssa/status?fieldManager=controller`,
+    headers: { 'content-type': 'application/apply-patch+yaml' },
+    payload: JSON.stringify({ ...pfv('ssa'), status: { kernelVersion: '6.2.0-1-amd64' } }),
+  });
+  t.equal(statusApply.statusCode, 200);
+  t.equal(statusApply.json().status.kernelVersion, '6.2.0-1-amd64');
+  t.equal(statusApply.json().spec.kernelVersion, '6.2.0-1-amd64', 'apply to /status does not touch spec');
+  t.ok(
+    statusApply.json().metadata.managedFields.some(
+      (m: { manager: string; operation: string; subresource?: string }) => m.manager === 'controller' && m.operation === 'Apply' && m.subresource === 'status',
+    ),
+    'the status apply is recorded with its subresource',
+  );
   const yamlApply = await h.app.inject({
     method: 'PATCH',
     url: `${PFV}/ssa?fieldManager=bob`,
