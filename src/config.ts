@@ -60,7 +60,11 @@ export class ConfigError extends Error {
 }
 
 function convert(kind: string, text: string): unknown {
-  if (kind === 'integer' || kind === 'number') return text.trim() === '' ? text : Number(text);
+  if (kind === 'integer' || kind === 'number') {
+    // Text that is not a number stays text, so the error shows what was given.
+    const n = Number(text);
+    return text.trim() === '' || Number.isNaN(n) ? text : n;
+  }
   if (kind === 'boolean') return text === 'true' ? true : text === 'false' ? false : text;
   return text;
 }
@@ -103,13 +107,17 @@ export function loadConfig(argv: readonly string[], env: Readonly<Record<string,
   const ajv = new Ajv({ allErrors: true, strict: false });
   const validate = ajv.compile(ConfigSchema);
   if (!validate(config)) {
-    const problems = (validate.errors ?? []).map((e) => {
+    // One sentence per option: the first thing wrong with it.
+    const byOption = new Map<string, string>();
+    for (const e of validate.errors ?? []) {
       const key = e.instancePath.slice(1) as Key;
       const o = OPTIONS[key];
       const name = o ? `--${o.flag} (${o.env})` : key || String((e.params as { additionalProperty?: string }).additionalProperty);
-      return `${name} ${e.message ?? 'is invalid'}${e.instancePath ? `, got ${JSON.stringify(config[key])}` : ''}`;
-    });
-    throw new ConfigError([...new Set(problems)]);
+      if (!byOption.has(name)) {
+        byOption.set(name, `${name} ${e.message ?? 'is invalid'}${e.instancePath ? `, got ${JSON.stringify(config[key])}` : ''}`);
+      }
+    }
+    throw new ConfigError([...byOption.values()]);
   }
   return Object.freeze(config) as Config;
 }
