@@ -2,8 +2,8 @@
  * API benchmark of kmm-preflight against the real server (`src/main.ts` as a child process, the
  * same one the e2e tests start), over loopback TLS with the admin client certificate.
  *
- *   node bench/api.ts             full run (a few minutes)
- *   node bench/api.ts --quick     smoke run for CI (well under a minute)
+ *   node bench/api.ts             full run (about a minute on 2 cores)
+ *   node bench/api.ts --quick     smoke run for CI (10-20 s)
  *   node bench/api.ts --json      machine-readable JSON on stdout instead of the tables
  *   node bench/api.ts --phases=get,watch,create   only some phases (default: all three)
  *   node bench/api.ts --server-node-options="--cpu-prof --cpu-prof-dir=/tmp/kmm-prof"
@@ -22,7 +22,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { IncomingMessage } from 'node:http';
 import { Agent, request as httpsRequest } from 'node:https';
-import { cpus } from 'node:os';
+import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
@@ -276,6 +276,8 @@ try {
 
 interface ProcSample {
   readonly after: string;
+  /** Wall-clock seconds since the previous sample (the phase's duration). */
+  readonly wallSeconds: number;
   /** KiB, or null when /proc could not be read. */
   readonly vmRssKiB: number | null;
   readonly vmHwmKiB: number | null;
@@ -283,7 +285,34 @@ interface ProcSample {
   readonly cpuSeconds: number | null;
   /** CPU seconds of this benchmark process (the clients) since the previous sample. */
   readonly clientCpuSeconds: number;
+  /**
+   * CPU seconds that other processes used since the previous sample (user + system time of all
+   * CPUs from /proc/stat minus server and clients): other work competing for the same cores.
+   */
+  readonly otherCpuSeconds: number | null;
+  /** CPU seconds in interrupts and softirqs (loopback TCP is mostly here), all CPUs. */
+  readonly irqCpuSeconds: number | null;
+  /** CPU seconds stolen by the hypervisor, all CPUs. */
+  readonly stealCpuSeconds: number | null;
 }
+
+interface MachineTicks {
+  readonly process: number;
+  readonly irq: number;
+  readonly steal: number;
+}
+
+/** CPU time of the whole machine in clock ticks, from the first line of /proc/stat. */
+function machineTicks(): MachineTicks | undefined {
+  try {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+    const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0, steal = 0] = f;
+    return { process: user + nice + system, irq: irq + softirq, steal };
+  } catch {
+    return undefined;
+  }
+}
+let lastMachine = machineTicks();
 
 let lastClientCpu = process.cpuUsage();
 function clientCpu(): number {
@@ -293,9 +322,20 @@ function clientCpu(): number {
 }
 
 let lastCpuTicks: number | undefined;
+let lastSampleAt = performance.now();
 function sampleProcess(pid: number | undefined, after: string): ProcSample {
   const clientCpuSeconds = clientCpu();
-  if (pid === undefined) return { after, vmRssKiB: null, vmHwmKiB: null, cpuSeconds: null, clientCpuSeconds };
+  const nowMs = performance.now();
+  const wallSeconds = round((nowMs - lastSampleAt) / 1000);
+  lastSampleAt = nowMs;
+  const machine = machineTicks();
+  const prev = lastMachine;
+  lastMachine = machine;
+  const delta = (k: keyof MachineTicks) => (machine && prev ? round((machine[k] - prev[k]) / clockTicks) : null);
+  const irqCpuSeconds = delta('irq');
+  const stealCpuSeconds = delta('steal');
+  const processSeconds = delta('process');
+  if (pid === undefined) return { after, wallSeconds, vmRssKiB: null, vmHwmKiB: null, cpuSeconds: null, clientCpuSeconds, otherCpuSeconds: null, irqCpuSeconds, stealCpuSeconds };
   let vmRssKiB: number | null = null;
   let vmHwmKiB: number | null = null;
   let cpuSeconds: number | null = null;
@@ -316,7 +356,8 @@ function sampleProcess(pid: number | undefined, after: string): ProcSample {
   } catch {
     // the process is gone or /proc is not readable: n/a
   }
-  return { after, vmRssKiB, vmHwmKiB, cpuSeconds: cpuSeconds === null ? null : round(cpuSeconds), clientCpuSeconds };
+  const otherCpuSeconds = processSeconds !== null && cpuSeconds !== null ? round(Math.max(0, processSeconds - cpuSeconds - clientCpuSeconds)) : null;
+  return { after, wallSeconds, vmRssKiB, vmHwmKiB, cpuSeconds: cpuSeconds === null ? null : round(cpuSeconds), clientCpuSeconds, otherCpuSeconds, irqCpuSeconds, stealCpuSeconds };
 }
 
 // ---- Test data -------------------------------------------------------------------------------
@@ -543,6 +584,7 @@ class Watcher {
   close(): void {
     this.#res?.destroy();
     this.#req?.destroy();
+    this.fail(new Error('the watcher was closed'));
   }
 }
 
@@ -607,8 +649,16 @@ async function watchRounds(
 
 interface WatchResult {
   readonly watchers: number;
-  /** From starting the watches to every watcher having its first event (warm-up round). */
+  /**
+   * From starting the watches to the last watcher having its response headers (TLS handshake,
+   * authentication, opening the watch).
+   */
   readonly setupMs: number;
+  /**
+   * Whether every watcher had its headers before any event was sent, as kube-apiserver does. When
+   * false, the server held the headers back until the first event (the warm-up PATCH).
+   */
+  readonly headersBeforeFirstEvent: boolean;
   readonly small: WatchRun;
   readonly big: WatchRun;
 }
@@ -634,6 +684,16 @@ async function phaseWatch(server: TestServer, tls: Tls, smallName: string, bigNa
       w.start(server, tls, rv);
       watchers.push(w);
     }
+    // Wait (bounded) for every watcher's response headers. A server that sends them only with the
+    // first event gets there through the first warm-up round instead.
+    const headersDeadline = performance.now() + WATCH_EVENT_TIMEOUT_MS;
+    while (watchers.some((w) => w.headersAt === undefined && !w.error) && performance.now() < headersDeadline) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const failed = watchers.find((w) => w.error);
+    if (failed) throw new Error(`a watch failed to start: ${failed.error!.message}`);
+    const headersBeforeFirstEvent = watchers.every((w) => w.headersAt !== undefined);
+    if (!headersBeforeFirstEvent) progress(`warning: not every watcher had response headers ${WATCH_EVENT_TIMEOUT_MS} ms after starting, before any event`);
     // Warm-up rounds (not counted) also prove that every watcher is subscribed and streaming.
     const smallRun = await watchRounds(client, watchers, smallName, 3, PLAN.watchWarmupRounds, PLAN.smallRounds, 'small');
     const setupMs = round(Math.max(...watchers.map((w) => w.headersAt ?? NaN)) - setupStart);
@@ -642,7 +702,7 @@ async function phaseWatch(server: TestServer, tls: Tls, smallName: string, bigNa
     const bigRun = await watchRounds(client, watchers, bigName, PLAN.modules, 1, PLAN.bigRounds, `${PLAN.modules} modules`);
     progress(`watch, ${PLAN.modules}-module object: p50 ${bigRun.delay.p50} ms, p99 ${bigRun.delay.p99} ms`);
     checkLastEvent(watchers[0]!, PLAN.modules);
-    return { watchers: PLAN.watchers, setupMs, small: smallRun, big: bigRun };
+    return { watchers: PLAN.watchers, setupMs, headersBeforeFirstEvent, small: smallRun, big: bigRun };
   } finally {
     for (const w of watchers) w.close();
     client.close();
@@ -714,6 +774,8 @@ interface Report {
   readonly node: string;
   readonly cpus: number;
   readonly cpuModel: string;
+  /** 1-minute load average at the start and at the end of the run. */
+  readonly loadAverage: { readonly start: number; readonly end: number };
   readonly plan: Plan;
   readonly serverPid: number | null;
   readonly phases: readonly Phase[];
@@ -732,6 +794,7 @@ const pad = (s: string | number, n: number) => String(s).padStart(n);
 const padEnd = (s: string | number, n: number) => String(s).padEnd(n);
 const num = (x: number) => (Number.isNaN(x) ? 'n/a' : x.toFixed(1));
 const mib = (kib: number | null) => (kib === null ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);
+const sec = (x: number | null) => (x === null ? 'n/a' : `${x.toFixed(2)} s`);
 const bytes = (b: number) => (b >= 1024 * 1024 ? `${(b / 1024 / 1024).toFixed(2)} MiB` : b >= 1024 ? `${(b / 1024).toFixed(1)} KiB` : `${b} B`);
 
 function formatReport(r: Report): string {
@@ -739,7 +802,7 @@ function formatReport(r: Report): string {
   const mem = (after: string) => {
     const s = r.process.find((p) => p.after === after);
     return s
-      ? `  server after the phase: VmRSS ${mib(s.vmRssKiB)}, VmHWM ${mib(s.vmHwmKiB)}; CPU during the phase: server ${s.cpuSeconds === null ? 'n/a' : `${s.cpuSeconds.toFixed(2)} s`}, bench clients ${s.clientCpuSeconds.toFixed(2)} s`
+      ? `  server after the phase: VmRSS ${mib(s.vmRssKiB)}, VmHWM ${mib(s.vmHwmKiB)}\n  CPU during the phase (${s.wallSeconds.toFixed(1)} s wall, ${r.cpus} CPUs): server ${s.cpuSeconds === null ? 'n/a' : `${s.cpuSeconds.toFixed(2)} s`}, bench clients ${s.clientCpuSeconds.toFixed(2)} s, other processes ${sec(s.otherCpuSeconds)}, irq/softirq ${sec(s.irqCpuSeconds)}, steal ${sec(s.stealCpuSeconds)}`
       : '  server: n/a';
   };
   const goalLine = (name: string) => {
@@ -748,6 +811,7 @@ function formatReport(r: Report): string {
   };
   out.push(`kmm-preflight API benchmark (${r.mode}), ${r.date}`);
   out.push(`node ${r.node}, ${r.cpus} CPUs (${r.cpuModel}), server pid ${r.serverPid ?? 'n/a'}; client and server share the machine`);
+  out.push(`1-minute load average: ${r.loadAverage.start.toFixed(2)} at the start, ${r.loadAverage.end.toFixed(2)} at the end`);
   out.push(`command: ${r.command}`);
   const start = r.process.find((p) => p.after === 'startup');
   if (start) out.push(`after startup: server VmRSS ${mib(start.vmRssKiB)}, VmHWM ${mib(start.vmHwmKiB)}`);
@@ -776,7 +840,11 @@ function formatReport(r: Report): string {
       );
     }
     out.push(`   ("last p50": median over rounds of the slowest watcher; "PATCH p50": the PATCH's own response time)`);
-    out.push(`   ${w.watchers} watches streaming (first event at the last watcher) ${num(w.setupMs)} ms after they were started`);
+    out.push(
+      w.headersBeforeFirstEvent
+        ? `   all ${w.watchers} watches had their response headers ${num(w.setupMs)} ms after they were started (connect, TLS, open), before any event`
+        : `   the server held the response headers back until the first event: the last of the ${w.watchers} watchers had them ${num(w.setupMs)} ms after the start (after a warm-up PATCH)`,
+    );
     out.push(goalLine(`watch p99 < ${GOAL_WATCH_P99_MS} ms (small object)`));
     out.push(`  (no goal for the ${r.plan.modules}-module object: each event carries ${bytes(w.big.eventBytes)} to ${w.watchers} clients)`);
     out.push(mem('watch'));
@@ -800,7 +868,9 @@ function formatReport(r: Report): string {
 
 async function main(): Promise<number> {
   const t0 = Date.now();
-  const command = ['node', 'bench/api.ts', ...process.argv.slice(2)].join(' ');
+  const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`);
+  const command = ['node', 'bench/api.ts', ...process.argv.slice(2)].map(quote).join(' ');
+  const loadStart = loadavg()[0] ?? 0;
   const samples: ProcSample[] = [];
   const goals: Goal[] = [];
   let server: TestServer | undefined;
@@ -817,9 +887,13 @@ async function main(): Promise<number> {
     void (server?.stop() ?? Promise.resolve()).finally(() => process.exit(1));
   }, PLAN.totalLimitMs + 30_000);
   watchdog.unref();
+  // Ctrl-C or kill: stop the server now (the run then fails on its closed connections and
+  // reports); exit anyway if that does not happen within 10 s.
+  let interrupted: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
+    interrupted = sig;
     progress(`${sig}: stopping the server`);
-    void (server?.stop() ?? Promise.resolve()).finally(() => process.exit(130));
+    void (server?.stop() ?? Promise.resolve()).finally(() => setTimeout(() => process.exit(130), 10_000).unref());
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
@@ -883,8 +957,9 @@ async function main(): Promise<number> {
     }
   } catch (err) {
     error = err instanceof Error ? err.message : String(err);
+    if (interrupted) error = `interrupted by ${interrupted} (${error})`;
     progress(`error: ${error}`);
-    if (server) progress(`server output (tail):\n${server.output().slice(-2000)}`);
+    if (server && !interrupted) progress(`server output (tail):\n${server.output().slice(-2000)}`);
   } finally {
     if (server) {
       progress('stopping the server');
@@ -902,6 +977,7 @@ async function main(): Promise<number> {
     node: process.version,
     cpus: cpus().length,
     cpuModel: cpus()[0]?.model ?? 'unknown',
+    loadAverage: { start: round(loadStart), end: round(loadavg()[0] ?? 0) },
     plan: PLAN,
     serverPid: pid ?? null,
     phases: PHASES.filter((p) => args.phases.has(p)),
@@ -915,7 +991,7 @@ async function main(): Promise<number> {
     ...(error !== undefined ? { error } : {}),
   };
   process.stdout.write(args.json ? `${JSON.stringify(report, (_k, v: unknown) => (typeof v === 'number' && Number.isNaN(v) ? null : v), 2)}\n` : formatReport(report));
-  return error === undefined ? 0 : 1;
+  return interrupted ? 130 : error === undefined ? 0 : 1;
 }
 
 process.exitCode = await main();

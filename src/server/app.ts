@@ -353,6 +353,21 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
   return app;
 }
 
+/**
+ * Watch frames of full objects, encoded once per object revision and event type and shared by
+ * every watcher: a change of a megabyte-sized status then costs one encoding, not one per watcher,
+ * and the socket buffers of all watchers hold the same bytes.
+ */
+const frames = new WeakMap<Decoded, Map<string, Buffer>>();
+
+function sharedFrame(decoded: Decoded, type: string): Buffer {
+  let byType = frames.get(decoded);
+  if (!byType) frames.set(decoded, (byType = new Map()));
+  let frame = byType.get(type);
+  if (!frame) byType.set(type, (frame = Buffer.from(`{"type":"${type}","object":${decoded.json}}\n`, 'utf8')));
+  return frame;
+}
+
 interface ResourceDeps {
   readonly now: () => number;
   readonly metrics: ApiMetrics;
@@ -521,7 +536,7 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
     deps.metrics.watchers.inc({ resource: def.plural });
     let headersSent = false;
     let lastRv = '';
-    const encode = (ev: WatchItem): string => {
+    const encode = (ev: WatchItem): string | Buffer => {
       deps.metrics.watchEvents.inc({ resource: def.plural, type: ev.type });
       if (ev.type === 'ERROR') return `{"type":"ERROR","object":${JSON.stringify(ev.error.toStatus())}}\n`;
       if (ev.type === 'BOOKMARK') {
@@ -547,10 +562,12 @@ function registerResource(app: FastifyInstance, registry: ResourceRegistry, deps
         headersSent = true;
       } else if (n.shape.kind === 'partialList') {
         obj = JSON.stringify(partialObjectMetadata(ev.decoded.obj, n.shape.version));
-      } else obj = ev.decoded.json;
+      } else {
+        return sharedFrame(ev.decoded, ev.type);
+      }
       return `{"type":"${ev.type}","object":${obj}}\n`;
     };
-    const write = async (text: string) => {
+    const write = async (text: string | Buffer) => {
       if (!res.write(text)) await new Promise<void>((resolve) => {
         const done = () => { res.off('drain', done); res.off('close', done); resolve(); };
         res.once('drain', done);

@@ -115,6 +115,7 @@ export interface RegistryOptions {
 }
 
 const MAX_CONFLICT_RETRIES = 5;
+const DELETED_CACHE_SIZE = 256;
 const GENERATE_NAME_SUFFIX_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789';
 const SUPPORTED_FIELDS = ['metadata.name', 'metadata.namespace'];
 
@@ -160,6 +161,7 @@ export class ResourceRegistry {
   private readonly admission: readonly ValidatingAdmission[];
   private readonly prefix: string;
   private readonly cache = new Map<string, Decoded>();
+  private readonly deletedCache = new Map<string, Decoded>();
   readonly bookmarkIntervalMs: number;
 
   constructor(o: RegistryOptions) {
@@ -802,11 +804,18 @@ export class ResourceRegistry {
     return undefined;
   }
 
+  /** Deletions are decoded once and shared by every watcher that sees them. */
   private decodeDeleted(ev: StoreEvent): Decoded {
+    const id = `${ev.key}@${ev.revision}`;
+    const hit = this.deletedCache.get(id);
+    if (hit) return hit;
     const obj = JSON.parse(ev.value) as KubeObject;
     obj.metadata.resourceVersion = String(ev.revision);
     this.cache.delete(ev.key);
-    return { obj, json: JSON.stringify(obj), revision: ev.revision };
+    const decoded: Decoded = { obj, json: JSON.stringify(obj), revision: ev.revision };
+    this.deletedCache.set(id, decoded);
+    if (this.deletedCache.size > DELETED_CACHE_SIZE) this.deletedCache.delete(this.deletedCache.keys().next().value!);
+    return decoded;
   }
 
   /** Name of an object from its store key (for logs and metrics). */
