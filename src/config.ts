@@ -12,7 +12,22 @@ export const ConfigSchema = Type.Object(
   {
     listenAddress: Type.String({ minLength: 1, description: 'Address to listen on.' }),
     port: Type.Integer({ minimum: 0, maximum: 65535, description: 'HTTPS port.' }),
-    storage: Type.Unsafe<'sqlite'>({ type: 'string', enum: ['sqlite'], description: 'Storage backend.' }),
+    storage: Type.Unsafe<'sqlite' | 'etcd'>({ type: 'string', enum: ['sqlite', 'etcd'], description: 'Storage backend.' }),
+    etcdServers: Type.Array(Type.String({ pattern: '^https?://[^\\s,]+$' }), { description: 'etcd client URLs.' }),
+    etcdPrefix: Type.String({ pattern: '^/', description: 'Key prefix in etcd.' }),
+    etcdCaFile: Type.Optional(Type.String({ minLength: 1, description: 'CA of the etcd servers (PEM).' })),
+    etcdCertFile: Type.Optional(Type.String({ minLength: 1, description: 'Client certificate for etcd (PEM).' })),
+    etcdKeyFile: Type.Optional(Type.String({ minLength: 1, description: 'Client key for etcd (PEM).' })),
+    authenticationMode: Type.Unsafe<'standalone' | 'delegated'>({
+      type: 'string',
+      enum: ['standalone', 'delegated'],
+      description: 'standalone: client certificates of client-ca-file; delegated: behind kube-apiserver (front proxy, TokenReview, SubjectAccessReview).',
+    }),
+    kubeconfig: Type.Optional(Type.String({ minLength: 1, description: 'Kubeconfig for kube-apiserver; in-cluster config when unset.' })),
+    tlsReloadIntervalSeconds: Type.Number({ exclusiveMinimum: 0, description: 'How often serving-certificate files are checked for changes.' }),
+    authenticationCacheTtlSeconds: Type.Number({ minimum: 0, description: 'How long TokenReview answers are cached.' }),
+    authorizationAllowTtlSeconds: Type.Number({ minimum: 0, description: 'How long allowed SubjectAccessReview answers are cached.' }),
+    authorizationDenyTtlSeconds: Type.Number({ minimum: 0, description: 'How long denied SubjectAccessReview answers are cached.' }),
     dataDir: Type.String({ minLength: 1, description: 'Directory of the embedded database.' }),
     certDir: Type.String({ minLength: 1, description: 'Directory of the development PKI.' }),
     tlsCertFile: Type.String({ minLength: 1, description: 'Serving certificate (PEM).' }),
@@ -37,6 +52,17 @@ const OPTIONS = {
   listenAddress: { flag: 'listen-address', env: 'KMM_PREFLIGHT_LISTEN_ADDRESS', kind: 'string' },
   port: { flag: 'port', env: 'KMM_PREFLIGHT_PORT', kind: 'integer' },
   storage: { flag: 'storage', env: 'KMM_PREFLIGHT_STORAGE', kind: 'string' },
+  etcdServers: { flag: 'etcd-servers', env: 'KMM_PREFLIGHT_ETCD_SERVERS', kind: 'list' },
+  etcdPrefix: { flag: 'etcd-prefix', env: 'KMM_PREFLIGHT_ETCD_PREFIX', kind: 'string' },
+  etcdCaFile: { flag: 'etcd-cafile', env: 'KMM_PREFLIGHT_ETCD_CAFILE', kind: 'path' },
+  etcdCertFile: { flag: 'etcd-certfile', env: 'KMM_PREFLIGHT_ETCD_CERTFILE', kind: 'path' },
+  etcdKeyFile: { flag: 'etcd-keyfile', env: 'KMM_PREFLIGHT_ETCD_KEYFILE', kind: 'path' },
+  authenticationMode: { flag: 'authentication-mode', env: 'KMM_PREFLIGHT_AUTHENTICATION_MODE', kind: 'string' },
+  kubeconfig: { flag: 'kubeconfig', env: 'KMM_PREFLIGHT_KUBECONFIG', kind: 'path' },
+  tlsReloadIntervalSeconds: { flag: 'tls-reload-interval', env: 'KMM_PREFLIGHT_TLS_RELOAD_INTERVAL', kind: 'number' },
+  authenticationCacheTtlSeconds: { flag: 'authentication-cache-ttl', env: 'KMM_PREFLIGHT_AUTHENTICATION_CACHE_TTL', kind: 'number' },
+  authorizationAllowTtlSeconds: { flag: 'authorization-allow-ttl', env: 'KMM_PREFLIGHT_AUTHORIZATION_ALLOW_TTL', kind: 'number' },
+  authorizationDenyTtlSeconds: { flag: 'authorization-deny-ttl', env: 'KMM_PREFLIGHT_AUTHORIZATION_DENY_TTL', kind: 'number' },
   dataDir: { flag: 'data-dir', env: 'KMM_PREFLIGHT_DATA_DIR', kind: 'string' },
   certDir: { flag: 'cert-dir', env: 'KMM_PREFLIGHT_CERT_DIR', kind: 'string' },
   tlsCertFile: { flag: 'tls-cert-file', env: 'KMM_PREFLIGHT_TLS_CERT_FILE', kind: 'string' },
@@ -66,6 +92,7 @@ function convert(kind: string, text: string): unknown {
     return text.trim() === '' || Number.isNaN(n) ? text : n;
   }
   if (kind === 'boolean') return text === 'true' ? true : text === 'false' ? false : text;
+  if (kind === 'list') return text.split(',').map((v) => v.trim()).filter((v) => v !== '');
   return text;
 }
 
@@ -95,29 +122,45 @@ export function loadConfig(argv: readonly string[], env: Readonly<Record<string,
     logLevel: 'info',
     watchBookmarkIntervalSeconds: 60,
     historySeconds: 300,
+    etcdServers: [],
+    etcdPrefix: '/registry/kmm.sigs.x-k8s.io',
+    authenticationMode: 'standalone',
+    tlsReloadIntervalSeconds: 10,
+    authenticationCacheTtlSeconds: 10,
+    authorizationAllowTtlSeconds: 10,
+    authorizationDenyTtlSeconds: 10,
     tlsCertFile: resolve(certDir, 'server.crt'),
     tlsPrivateKeyFile: resolve(certDir, 'server.key'),
     clientCaFile: resolve(certDir, 'ca.crt'),
     ...raw,
     certDir,
   } as Record<string, unknown>;
-  for (const k of ['dataDir', 'tlsCertFile', 'tlsPrivateKeyFile', 'clientCaFile'] as const) {
+  for (const k of ['dataDir', 'tlsCertFile', 'tlsPrivateKeyFile', 'clientCaFile', 'etcdCaFile', 'etcdCertFile', 'etcdKeyFile', 'kubeconfig'] as const) {
     if (typeof config[k] === 'string') config[k] = resolve(cwd, config[k]);
   }
   const ajv = new Ajv({ allErrors: true, strict: false });
   const validate = ajv.compile(ConfigSchema);
-  if (!validate(config)) {
+  const valid = validate(config);
+  const crossChecks: string[] = [];
+  if (config['storage'] === 'etcd' && (config['etcdServers'] as unknown[]).length === 0) {
+    crossChecks.push('--etcd-servers (KMM_PREFLIGHT_ETCD_SERVERS) is required with --storage etcd');
+  }
+  if ((config['etcdCertFile'] === undefined) !== (config['etcdKeyFile'] === undefined)) {
+    crossChecks.push('--etcd-certfile and --etcd-keyfile go together');
+  }
+  if (valid && crossChecks.length > 0) throw new ConfigError(crossChecks);
+  if (!valid) {
     // One sentence per option: the first thing wrong with it.
     const byOption = new Map<string, string>();
     for (const e of validate.errors ?? []) {
-      const key = e.instancePath.slice(1) as Key;
+      const key = e.instancePath.slice(1).split('/')[0] as Key;
       const o = OPTIONS[key];
       const name = o ? `--${o.flag} (${o.env})` : key || String((e.params as { additionalProperty?: string }).additionalProperty);
       if (!byOption.has(name)) {
         byOption.set(name, `${name} ${e.message ?? 'is invalid'}${e.instancePath ? `, got ${JSON.stringify(config[key])}` : ''}`);
       }
     }
-    throw new ConfigError([...byOption.values()]);
+    throw new ConfigError([...byOption.values(), ...crossChecks]);
   }
   return Object.freeze(config) as Config;
 }

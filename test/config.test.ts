@@ -25,3 +25,12 @@ t.test('every bad option is named, with its flag and variable', async (t) => {
 t.test('an unknown flag is refused', async (t) => {
   t.throws(() => loadConfig(['--prot', '1'], {}, '/srv'), /Unknown option '--prot'/);
 });
+
+t.test('etcd storage needs servers, and client certificate and key go together', async (t) => {
+  t.throws(() => loadConfig(['--storage', 'etcd'], {}, '/srv'), /--etcd-servers \(KMM_PREFLIGHT_ETCD_SERVERS\) is required with --storage etcd/);
+  const c = loadConfig(['--storage', 'etcd', '--etcd-servers', 'http://127.0.0.1:2379, https://e2:2379'], {}, '/srv');
+  t.same(c.etcdServers, ['http://127.0.0.1:2379', 'https://e2:2379']);
+  t.throws(() => loadConfig(['--storage', 'etcd', '--etcd-servers', 'e1:2379'], {}, '/srv'), /--etcd-servers .* must match pattern/);
+  t.throws(() => loadConfig(['--etcd-certfile', 'c.pem'], {}, '/srv'), /--etcd-certfile and --etcd-keyfile go together/);
+  t.throws(() => loadConfig(['--authentication-mode', 'magic'], {}, '/srv'), /--authentication-mode .* allowed values/);
+});

@@ -15,6 +15,8 @@ export interface UserInfo {
 
 export interface AuthenticationRequest {
   readonly headers: IncomingHttpHeaders;
+  /** Every header with all its values (repeated headers such as X-Remote-Group are not joined). */
+  readonly headersDistinct?: Readonly<Record<string, string[] | undefined>>;
   readonly socket: TLSSocket | undefined;
 }
 

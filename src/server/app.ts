@@ -201,7 +201,7 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
     req.kubeInfo = requestInfo(req.method, req.url);
     if (HEALTH_PATHS.has(path) || [...HEALTH_PATHS].some((h) => path.startsWith(`${h}/`))) return;
     const socket = req.raw.socket instanceof TLSSocket ? req.raw.socket : undefined;
-    const authn = await authenticator.authenticate({ headers: req.headers, socket });
+    const authn = await authenticator.authenticate({ headers: req.headers, headersDistinct: req.raw.headersDistinct, socket });
     if (!authn.authenticated) {
       throw errors.unauthorized(
         authn.reason ? `Unauthorized: ${authn.reason}` : undefined,

@@ -11,7 +11,18 @@ import { RESOURCES } from '../api/resources.ts';
 import { API_VERSION } from '../api/schema.ts';
 import { createAjv } from '../api/validation.ts';
 import { createFieldManager } from '../apply/field-manager.ts';
-import { allowAuthenticatedAuthorizer, clientCertificateAuthenticator } from '../auth/client-cert.ts';
+import type { X509Certificate } from 'node:crypto';
+import type { Server as HttpsServer } from 'node:https';
+import { KubeConfig } from '@kubernetes/client-node';
+import { AUTHENTICATION_CONFIGMAP } from '../auth/authentication-configmap.ts';
+import { allowAuthenticatedAuthorizer } from '../auth/standalone.ts';
+import { subjectAccessReviewAuthorizer, tokenReviewAuthenticator } from '../auth/delegated.ts';
+import { requestHeaderAuthenticator } from '../auth/request-header.ts';
+import { unionAuthenticator, type Authenticator, type Authorizer } from '../auth/types.ts';
+import { parseCertificateBundle, x509Authenticator } from '../auth/x509.ts';
+import { kubeAccessReviewer, kubeTokenReviewer, watchAuthenticationConfig } from '../kube/auth-clients.ts';
+import { openEtcdStore } from '../storage/etcd-store.ts';
+import { startTlsReloader, type TlsReloader } from './tls-reloader.ts';
 import { ensureDevPki } from '../certs/dev-pki.ts';
 import { openSqliteStore } from '../storage/sqlite-store.ts';
 import type { Store } from '../storage/store.ts';
@@ -49,35 +60,103 @@ export function createRegistries(store: Store, logger: Logger, options: { bookma
   );
 }
 
+/** Authentication, authorization and the client CAs the TLS layer must trust, per mode. */
+interface AuthWiring {
+  readonly authenticator: Authenticator;
+  readonly authorizer: Authorizer;
+  readonly clientCas: () => readonly string[];
+  stop(): Promise<void>;
+}
+
+async function standaloneAuth(config: Config): Promise<AuthWiring> {
+  const caPem = await readFile(config.clientCaFile, 'utf8');
+  const roots = parseCertificateBundle(caPem);
+  return {
+    authenticator: x509Authenticator(() => roots),
+    authorizer: allowAuthenticatedAuthorizer(),
+    clientCas: () => [caPem],
+    stop: async () => {},
+  };
+}
+
+const NO_CERTIFICATES: readonly X509Certificate[] = [];
+
+async function delegatedAuth(config: Config, logger: Logger, onChange: () => void): Promise<AuthWiring> {
+  const kc = new KubeConfig();
+  if (config.kubeconfig) kc.loadFromFile(config.kubeconfig);
+  else kc.loadFromCluster();
+  const watch = watchAuthenticationConfig(kc, logger.child({ component: 'authentication' }), onChange);
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([
+    watch.ready,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new Error(
+              `could not read ${AUTHENTICATION_CONFIGMAP.namespace}/${AUTHENTICATION_CONFIGMAP.name} from ${kc.getCurrentCluster()?.server ?? 'the cluster'} within 60 s: check the kubeconfig and the extension-apiserver-authentication-reader RoleBinding`,
+            ),
+          ),
+        60_000,
+      );
+    }),
+  ]).finally(() => clearTimeout(timer));
+  return {
+    authenticator: unionAuthenticator(
+      requestHeaderAuthenticator(() => watch.current()?.requestHeader),
+      x509Authenticator(() => watch.current()?.clientCa ?? NO_CERTIFICATES),
+      tokenReviewAuthenticator(kubeTokenReviewer(kc), {
+        successTtlMs: config.authenticationCacheTtlSeconds * 1000,
+        failureTtlMs: config.authenticationCacheTtlSeconds * 1000,
+      }),
+    ),
+    authorizer: subjectAccessReviewAuthorizer(kubeAccessReviewer(kc), {
+      allowTtlMs: config.authorizationAllowTtlSeconds * 1000,
+      denyTtlMs: config.authorizationDenyTtlSeconds * 1000,
+    }),
+    clientCas: () => {
+      const c = watch.current();
+      return c ? [c.clientCaPem, c.requestHeaderCaPem] : [];
+    },
+    stop: () => watch.stop(),
+  };
+}
+
 export async function startServer(config: Config, logger: Logger): Promise<RunningServer> {
   if (config.generateDevCerts) {
     const host = config.listenAddress === '0.0.0.0' || config.listenAddress === '::' ? '127.0.0.1' : config.listenAddress;
     const r = await ensureDevPki({ dir: config.certDir, serverUrl: `https://${host.includes(':') ? `[${host}]` : host}:${config.port}` });
     if (r.created) logger.info({ dir: config.certDir, reason: r.reason }, 'created a development PKI and kubeconfig');
   }
-  const [cert, key, ca] = await Promise.all([
-    readFile(config.tlsCertFile),
-    readFile(config.tlsPrivateKeyFile),
-    readFile(config.clientCaFile),
-  ]);
+  const [cert, key] = await Promise.all([readFile(config.tlsCertFile), readFile(config.tlsPrivateKeyFile)]);
 
-  const store = await openSqliteStore({
-    path: join(config.dataDir, 'kmm-preflight.db'),
-    historySeconds: config.historySeconds,
-    onBackgroundError: (err) => logger.error({ err }, 'storage compaction failed'),
-  });
+  let reloader: TlsReloader | undefined;
+  const auth =
+    config.authenticationMode === 'delegated'
+      ? await delegatedAuth(config, logger, () => void reloader?.check())
+      : await standaloneAuth(config);
+  const store = await openStore(config, logger);
   const registries = createRegistries(store, logger, { bookmarkIntervalMs: config.watchBookmarkIntervalSeconds * 1000 });
   const app = await build({
     registries,
     store,
     logger,
-    authenticator: clientCertificateAuthenticator(),
-    authorizer: allowAuthenticatedAuthorizer(),
+    authenticator: auth.authenticator,
+    authorizer: auth.authorizer,
     metrics: createApiMetrics(),
     version: SERVER_VERSION,
-    https: { cert, key, ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' },
+    https: { cert, key, ca: [...auth.clientCas()].filter((c) => c !== ''), requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' },
   });
   await app.listen({ host: config.listenAddress, port: config.port });
+  reloader = startTlsReloader({
+    server: app.server as unknown as HttpsServer,
+    certFile: config.tlsCertFile,
+    keyFile: config.tlsPrivateKeyFile,
+    clientCas: auth.clientCas,
+    intervalMs: config.tlsReloadIntervalSeconds * 1000,
+    logger,
+  });
+  await reloader.check();
   const address = app.server.address();
   const port = typeof address === 'object' && address ? address.port : config.port;
   const host = config.listenAddress.includes(':') ? `[${config.listenAddress}]` : config.listenAddress;
@@ -87,7 +166,10 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     const h = config.listenAddress === '0.0.0.0' || config.listenAddress === '::' ? '127.0.0.1' : host;
     await ensureDevPki({ dir: config.certDir, serverUrl: `https://${h}:${port}` });
   }
-  logger.info({ url, storage: store.name, kubeconfig: join(config.certDir, 'kubeconfig') }, 'kmm-preflight API server listening');
+  logger.info(
+    { url, storage: store.name, authentication: config.authenticationMode, kubeconfig: join(config.certDir, 'kubeconfig') },
+    'kmm-preflight API server listening',
+  );
 
   let closing: Promise<void> | undefined;
   return {
@@ -97,12 +179,37 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     store,
     close: () => {
       closing ??= (async () => {
+        reloader?.stop();
         // Watches are long requests: end them so that close() does not wait for their timeout.
         app.server.closeAllConnections?.();
         await app.close();
+        await auth.stop();
         await store.close();
       })();
       return closing;
     },
   };
+}
+
+async function openStore(config: Config, logger: Logger): Promise<Store> {
+  if (config.storage === 'etcd') {
+    return openEtcdStore({
+      endpoints: [...config.etcdServers],
+      prefix: config.etcdPrefix,
+      ...(config.etcdCaFile || config.etcdCertFile
+        ? {
+            tls: {
+              ...(config.etcdCaFile ? { caFile: config.etcdCaFile } : {}),
+              ...(config.etcdCertFile ? { certFile: config.etcdCertFile } : {}),
+              ...(config.etcdKeyFile ? { keyFile: config.etcdKeyFile } : {}),
+            },
+          }
+        : {}),
+    });
+  }
+  return openSqliteStore({
+    path: join(config.dataDir, 'kmm-preflight.db'),
+    historySeconds: config.historySeconds,
+    onBackgroundError: (err) => logger.error({ err }, 'storage compaction failed'),
+  });
 }

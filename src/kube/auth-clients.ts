@@ -1,0 +1,165 @@
+/**
+ * The kube-apiserver side of delegated authentication and authorization, through
+ * @kubernetes/client-node: TokenReview, SubjectAccessReview, and a watch on the
+ * extension-apiserver-authentication ConfigMap.
+ */
+import {
+  AuthenticationV1Api,
+  AuthorizationV1Api,
+  CoreV1Api,
+  type KubeConfig,
+  type V1ConfigMap,
+  makeInformer,
+} from '@kubernetes/client-node';
+import type { Logger } from 'pino';
+import type { AccessReviewer, TokenReviewer } from '../auth/delegated.ts';
+import { AUTHENTICATION_CONFIGMAP, parseAuthenticationConfigMap, type DelegatedAuthenticationConfig } from '../auth/authentication-configmap.ts';
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+function describe(err: unknown): string {
+  const e = err as { code?: number; body?: unknown; message?: string };
+  if (typeof e.code === 'number') return `kube-apiserver answered ${e.code}`;
+  return e.message ?? String(err);
+}
+
+export function kubeTokenReviewer(kc: KubeConfig, timeoutMs = 5000): TokenReviewer {
+  const api = kc.makeApiClient(AuthenticationV1Api);
+  return {
+    async review(token) {
+      try {
+        const r = await withTimeout(
+          api.createTokenReview({ body: { apiVersion: 'authentication.k8s.io/v1', kind: 'TokenReview', spec: { token } } }),
+          timeoutMs,
+          'TokenReview',
+        );
+        const s = r.status;
+        if (!s?.authenticated || !s.user?.username) return { authenticated: false, ...(s?.error ? { error: s.error } : {}) };
+        return {
+          authenticated: true,
+          user: {
+            username: s.user.username,
+            groups: s.user.groups ?? [],
+            ...(s.user.uid ? { uid: s.user.uid } : {}),
+            ...(s.user.extra ? { extra: s.user.extra } : {}),
+          },
+        };
+      } catch (err) {
+        throw new Error(`TokenReview failed: ${describe(err)}`, { cause: err });
+      }
+    },
+  };
+}
+
+export function kubeAccessReviewer(kc: KubeConfig, timeoutMs = 5000): AccessReviewer {
+  const api = kc.makeApiClient(AuthorizationV1Api);
+  return {
+    async review(a) {
+      try {
+        const r = await withTimeout(
+          api.createSubjectAccessReview({
+            body: {
+              apiVersion: 'authorization.k8s.io/v1',
+              kind: 'SubjectAccessReview',
+              spec: {
+                user: a.user.username,
+                groups: [...a.user.groups],
+                ...(a.user.uid ? { uid: a.user.uid } : {}),
+                ...(a.user.extra ? { extra: Object.fromEntries(Object.entries(a.user.extra).map(([k, v]) => [k, [...v]])) } : {}),
+                ...(a.isResourceRequest
+                  ? {
+                      resourceAttributes: {
+                        verb: a.verb,
+                        group: a.apiGroup ?? '',
+                        version: a.apiVersion ?? '',
+                        resource: a.resource ?? '',
+                        subresource: a.subresource ?? '',
+                        name: a.name ?? '',
+                        namespace: a.namespace ?? '',
+                      },
+                    }
+                  : { nonResourceAttributes: { path: a.path, verb: a.verb } }),
+              },
+            },
+          }),
+          timeoutMs,
+          'SubjectAccessReview',
+        );
+        const s = r.status;
+        return {
+          allowed: s?.allowed === true,
+          ...(s?.denied !== undefined ? { denied: s.denied } : {}),
+          ...(s?.reason ? { reason: s.reason } : {}),
+          ...(s?.evaluationError ? { evaluationError: s.evaluationError } : {}),
+        };
+      } catch (err) {
+        throw new Error(`SubjectAccessReview failed: ${describe(err)}`, { cause: err });
+      }
+    },
+  };
+}
+
+export interface AuthenticationConfigWatch {
+  /** The current configuration; undefined until first read. */
+  current(): DelegatedAuthenticationConfig | undefined;
+  /** Resolves once the ConfigMap was read the first time. */
+  readonly ready: Promise<void>;
+  stop(): Promise<void>;
+}
+
+/**
+ * Keeps the extension-apiserver-authentication ConfigMap in memory through an informer (list,
+ * then watch, re-listing on 410), so a CA rotation applies without a restart.
+ */
+export function watchAuthenticationConfig(
+  kc: KubeConfig,
+  logger: Logger,
+  onChange: (config: DelegatedAuthenticationConfig) => void,
+): AuthenticationConfigWatch {
+  const core = kc.makeApiClient(CoreV1Api);
+  const { namespace, name } = AUTHENTICATION_CONFIGMAP;
+  const informer = makeInformer<V1ConfigMap>(kc, `/api/v1/namespaces/${namespace}/configmaps`, () =>
+    core.listNamespacedConfigMap({ namespace }),
+  );
+  let config: DelegatedAuthenticationConfig | undefined;
+  let resolveReady!: () => void;
+  const ready = new Promise<void>((r) => (resolveReady = r));
+  let lastData = '';
+  const apply = (cm: V1ConfigMap) => {
+    if (cm.metadata?.name !== name) return;
+    const data = cm.data ?? {};
+    const text = JSON.stringify(data);
+    if (text === lastData) return;
+    try {
+      config = parseAuthenticationConfigMap(data);
+      lastData = text;
+      logger.info({ configmap: `${namespace}/${name}`, frontProxy: config.requestHeader !== undefined }, 'authentication configuration loaded');
+      onChange(config);
+      resolveReady();
+    } catch (err) {
+      logger.error({ err }, 'authentication configuration rejected; keeping the previous one');
+    }
+  };
+  informer.on('add', apply);
+  informer.on('update', apply);
+  informer.on('error', (err: unknown) => {
+    logger.warn({ err }, 'watch of the authentication ConfigMap failed; retrying');
+    setTimeout(() => void informer.start().catch(() => undefined), 2000).unref();
+  });
+  void informer.start().catch((err: unknown) => logger.warn({ err }, 'could not start the authentication ConfigMap watch'));
+  return {
+    current: () => config,
+    ready,
+    stop: async () => {
+      await informer.stop();
+    },
+  };
+}
