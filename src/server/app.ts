@@ -240,7 +240,10 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
     const labels = { verb: info.verb, resource: info.resource ?? '', subresource: info.subresource ?? '' };
     metrics.requests.inc({ ...labels, code: String(reply.statusCode) });
     metrics.requestDuration.observe({ verb: info.verb, resource: labels.resource }, reply.elapsedTime / 1000);
-    req.log.debug({ verb: info.verb, resource: info.resource, name: info.name, code: reply.statusCode, ms: Math.round(reply.elapsedTime) }, 'request');
+    req.log.debug(
+      { verb: info.verb, resource: info.resource, name: info.name, user: req.kubeUser?.username, code: reply.statusCode, ms: Math.round(reply.elapsedTime) },
+      'request',
+    );
   });
 
   // ---- Health, version, metrics --------------------------------------------------------------
