@@ -53,14 +53,23 @@ export interface Authorizer {
   authorize(attrs: RequestAttributes): Promise<AuthorizationDecision>;
 }
 
-/** Tries each authenticator in order; the first that recognises the credentials decides. */
+export const AUTHENTICATED_GROUP = 'system:authenticated';
+
+/**
+ * Tries each authenticator in order; the first that recognises the credentials decides. Every
+ * authenticated user is in `system:authenticated`, as kube-apiserver adds it: RBAC's discovery
+ * and OpenAPI rules are bound to that group, and the aggregator's own requests rely on it.
+ */
 export function unionAuthenticator(...authenticators: readonly Authenticator[]): Authenticator {
   return {
     async authenticate(req) {
       const reasons: string[] = [];
       for (const a of authenticators) {
         const r = await a.authenticate(req);
-        if (r.authenticated) return r;
+        if (r.authenticated) {
+          if (r.user.groups.includes(AUTHENTICATED_GROUP)) return r;
+          return { authenticated: true, user: { ...r.user, groups: [...r.user.groups, AUTHENTICATED_GROUP] } };
+        }
         if (r.reason) reasons.push(r.reason);
       }
       return reasons.length > 0 ? { authenticated: false, reason: reasons.join('; ') } : { authenticated: false };

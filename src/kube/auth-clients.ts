@@ -7,9 +7,10 @@ import {
   AuthenticationV1Api,
   AuthorizationV1Api,
   CoreV1Api,
+  ListWatch,
+  Watch,
   type KubeConfig,
   type V1ConfigMap,
-  makeInformer,
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import type { AccessReviewer, TokenReviewer } from '../auth/delegated.ts';
@@ -25,9 +26,18 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]);
 }
 
+/** One line for logs and reasons: the status and kube-apiserver's message, not the whole response. */
 function describe(err: unknown): string {
   const e = err as { code?: number; body?: unknown; message?: string };
-  if (typeof e.code === 'number') return `kube-apiserver answered ${e.code}`;
+  if (typeof e.code === 'number') {
+    let message = '';
+    try {
+      message = (JSON.parse(String(e.body)) as { message?: string }).message ?? '';
+    } catch {
+      // not a Status body
+    }
+    return `kube-apiserver answered ${e.code}${message ? `: ${message}` : ''}`;
+  }
   return e.message ?? String(err);
 }
 
@@ -126,8 +136,16 @@ export function watchAuthenticationConfig(
 ): AuthenticationConfigWatch {
   const core = kc.makeApiClient(CoreV1Api);
   const { namespace, name } = AUTHENTICATION_CONFIGMAP;
-  const informer = makeInformer<V1ConfigMap>(kc, `/api/v1/namespaces/${namespace}/configmaps`, () =>
-    core.listNamespacedConfigMap({ namespace }),
+  // The extension-apiserver-authentication-reader Role grants this one ConfigMap by name, so the
+  // list and the watch must select it by name too.
+  const fieldSelector = `metadata.name=${name}`;
+  const informer = new ListWatch<V1ConfigMap>(
+    `/api/v1/namespaces/${namespace}/configmaps`,
+    new Watch(kc),
+    () => core.listNamespacedConfigMap({ namespace, fieldSelector }),
+    false,
+    undefined,
+    fieldSelector,
   );
   let config: DelegatedAuthenticationConfig | undefined;
   let resolveReady!: () => void;
@@ -151,10 +169,10 @@ export function watchAuthenticationConfig(
   informer.on('add', apply);
   informer.on('update', apply);
   informer.on('error', (err: unknown) => {
-    logger.warn({ err }, 'watch of the authentication ConfigMap failed; retrying');
+    logger.warn({ error: describe(err) }, 'watch of the authentication ConfigMap failed; retrying');
     setTimeout(() => void informer.start().catch(() => undefined), 2000).unref();
   });
-  void informer.start().catch((err: unknown) => logger.warn({ err }, 'could not start the authentication ConfigMap watch'));
+  void informer.start().catch((err: unknown) => logger.warn({ error: describe(err) }, 'could not start the authentication ConfigMap watch'));
   return {
     current: () => config,
     ready,

@@ -48,7 +48,7 @@ t.teardown(() => new Promise<void>((r) => server.close(() => r())));
 const identityHeaders: [string, string][] = [
   ['X-Remote-User', 'alice'],
   ['X-Remote-Group', 'platform'],
-  ['X-Remote-Group', 'system:authenticated'],
+  ['X-Remote-Group', 'ops'],
   ['X-Remote-Extra-Scopes%2Fv1', 'read'],
   ['X-Remote-Extra-Scopes%2Fv1', 'write'],
   ['X-Remote-Uid', 'uid-123'],
@@ -78,11 +78,12 @@ t.test('front-proxy headers from a request-header CA certificate with an allowed
   t.equal(r.status, 200);
   t.same(r.body.user, {
     username: 'alice',
-    groups: ['platform', 'system:authenticated'],
+    groups: ['platform', 'ops', 'system:authenticated'],
     uid: 'uid-123',
     extra: { 'scopes/v1': ['read', 'write'] },
   });
   t.same(r.body.leftover, [], 'the identity headers are removed after use');
+  t.equal(r.body.user.groups.at(-1), 'system:authenticated', 'every authenticated user is in system:authenticated');
 });
 
 t.test('the same headers with a certificate from another CA are ignored: 401', async (t) => {

@@ -11,10 +11,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { request } from 'node:https';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { basename, dirname, join } from 'node:path';
+import { stringify as stringifyYaml } from 'yaml';
 import { generateCa, issueCertificate, issueClientCertificate, renderKubeconfig } from '../../src/certs/dev-pki.ts';
 import { startEtcd, type TestEtcd } from './etcd.ts';
 import { ensureEtcdBinary, ensureKubeApiserver } from './kube-binaries.ts';
@@ -54,6 +56,12 @@ export interface ControlPlane {
   kubectl(args: readonly string[], opts?: KubectlOptions): Promise<KubectlRun>;
   /** A kubeconfig file for `user` in `groups`, with a client certificate signed by the cluster CA (for RBAC tests). */
   userKubeconfig(user: string, groups?: readonly string[]): Promise<string>;
+  /**
+   * A kubeconfig file with the cluster only and, when given, a bearer token as the user: for
+   * `kubectl --token` or ServiceAccount tokens (the admin kubeconfig's client certificate would
+   * authenticate first).
+   */
+  tokenKubeconfig(token?: string): Promise<string>;
   /** A ServiceAccount token from the real TokenRequest API (create the ServiceAccount first). */
   serviceAccountToken(namespace: string, name: string): Promise<string>;
   /** An HTTPS request to kube-apiserver with the admin client certificate. */
@@ -72,23 +80,9 @@ export interface ControlPlaneOptions {
 const OUTPUT_LIMIT = 256 * 1024;
 const AUTH_CONFIGMAP = '/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication';
 
-/**
- * startEtcd() takes etcd from PATH (Debian's etcd-server). With KUBEBUILDER_ASSETS set, the
- * assets' etcd goes first on PATH for that lookup only: startEtcd resolves the binary
- * synchronously at its start, and PATH is restored right after the call.
- */
+/** etcd from KUBEBUILDER_ASSETS when set, else Debian's etcd-server. */
 async function startEtcdForControlPlane(): Promise<TestEtcd> {
-  const assets = process.env['KUBEBUILDER_ASSETS'];
-  if (!assets) return startEtcd();
-  await ensureEtcdBinary(); // fails clearly when the assets lack etcd
-  const saved = process.env['PATH'];
-  process.env['PATH'] = `${resolve(assets)}:${saved ?? ''}`;
-  try {
-    return startEtcd();
-  } finally {
-    if (saved === undefined) delete process.env['PATH'];
-    else process.env['PATH'] = saved;
-  }
+  return startEtcd({ binary: await ensureEtcdBinary() });
 }
 
 export async function startControlPlane(options: ControlPlaneOptions = {}): Promise<ControlPlane> {
@@ -108,7 +102,20 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     await exited;
     clearTimeout(timer);
   };
+  // If the test process exits without stop() (an uncaught error, tap's timeout), the processes
+  // must not outlive it: kill them and remove the directory synchronously on exit.
+  const onExit = () => {
+    if (child && child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    if (etcd) {
+      void etcd.kill(true); // sends SIGKILL synchronously
+      const etcdDir = dirname(etcd.dataDir); // startEtcd's temporary directory
+      if (basename(etcdDir).startsWith('kmm-preflight-etcd-')) rmSync(etcdDir, { recursive: true, force: true });
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.once('exit', onExit);
   const cleanup = async (): Promise<void> => {
+    process.removeListener('exit', onExit);
     await killApiserver();
     await etcd?.stop();
     await rm(dir, { recursive: true, force: true });
@@ -247,6 +254,20 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
         await mkdir(join(dir, 'users'), { recursive: true, mode: 0o700 });
         const file = join(dir, 'users', `${++users}-${user.replace(/[^A-Za-z0-9._-]+/g, '_')}.kubeconfig`);
         await writeFile(file, renderKubeconfig({ serverUrl: url, caCertPem: ca.certPem, clientCertPem: cert.certPem, clientKeyPem: cert.keyPem }), { mode: 0o600 });
+        return file;
+      },
+      async tokenKubeconfig(token?: string): Promise<string> {
+        await mkdir(join(dir, 'users'), { recursive: true, mode: 0o700 });
+        const file = join(dir, 'users', `${++users}-token.kubeconfig`);
+        const config = {
+          apiVersion: 'v1',
+          kind: 'Config',
+          clusters: [{ name: 'test', cluster: { server: url, 'certificate-authority-data': Buffer.from(ca.certPem).toString('base64') } }],
+          users: [{ name: 'test', user: token === undefined ? {} : { token } }],
+          contexts: [{ name: 'test', context: { cluster: 'test', user: 'test' } }],
+          'current-context': 'test',
+        };
+        await writeFile(file, stringifyYaml(config), { mode: 0o600 });
         return file;
       },
       async serviceAccountToken(namespace: string, name: string): Promise<string> {

@@ -31,8 +31,9 @@ async function healthy(url: string): Promise<boolean> {
   }
 }
 
-export async function startEtcd(): Promise<TestEtcd> {
-  const etcd = await ensureDebianBinary('etcd', 'etcd-server');
+/** Starts etcd; `binary` overrides Debian's etcd-server (e.g. from KUBEBUILDER_ASSETS). */
+export async function startEtcd(options: { binary?: string } = {}): Promise<TestEtcd> {
+  const etcd = options.binary ?? (await ensureDebianBinary('etcd', 'etcd-server'));
   const dir = await mkdtemp(join(tmpdir(), 'kmm-preflight-etcd-'));
   const [clientPort, peerPort] = [await freePort(), await freePort()];
   const url = `http://127.0.0.1:${clientPort}`;
