@@ -233,3 +233,22 @@ t.test('a ServiceAccount token is checked through TokenReview, and the answer ca
   const garbage = await direct(path, { headers: { authorization: 'Bearer not-a-token' } });
   t.equal(garbage.status, 401);
 });
+
+t.test('a front-proxy CA added to the authentication ConfigMap is trusted without a restart', async (t) => {
+  const { generateCa, issueClientCertificate } = await import('../../src/certs/dev-pki.ts');
+  const newCa = generateCa('rotated-front-proxy-ca');
+  const newProxy = issueClientCertificate({ caCertPem: newCa.certPem, caKeyPem: newCa.keyPem, commonName: 'front-proxy-client' });
+  const path = '/apis/kmm.sigs.x-k8s.io/v1beta2/preflightvalidations';
+  const headers = { 'X-Remote-User': 'jane', 'X-Remote-Group': 'team-a' };
+  t.equal((await direct(path, { cert: newProxy, headers })).status, 401, 'not trusted before the rotation');
+  const cm = JSON.parse(await ok(['get', 'configmap', 'extension-apiserver-authentication', '-n', 'kube-system', '-o', 'json']));
+  const bundle = `${cm.data['requestheader-client-ca-file'].trim()}\n${newCa.certPem.trim()}\n`;
+  await ok(['patch', 'configmap', 'extension-apiserver-authentication', '-n', 'kube-system', '--type=merge', '-p', JSON.stringify({ data: { 'requestheader-client-ca-file': bundle } })]);
+  const deadline = Date.now() + 20_000;
+  let r = await direct(path, { cert: newProxy, headers });
+  while (r.status === 401 && Date.now() < deadline) {
+    await new Promise((res) => setTimeout(res, 250));
+    r = await direct(path, { cert: newProxy, headers });
+  }
+  t.equal(r.status, 200, 'the new CA is trusted, and jane may list');
+});
