@@ -8,7 +8,7 @@ import { ReleaseFileError, resolveReleaseKernel, type ImageFileReader } from '..
 const RELEASE = 'registry.local:5000/ocp/release@sha256:' + 'a'.repeat(64);
 const DTK = 'registry.local:5000/ocp/dtk@sha256:' + 'b'.repeat(64);
 
-function reader(files: Record<string, Record<string, string>>): ImageFileReader {
+function reader(files: Record<string, Record<string, string | undefined> | undefined>): ImageFileReader {
   return async (image, path) => {
     const content = files[image]?.[path];
     return content === undefined ? undefined : Buffer.from(content);
