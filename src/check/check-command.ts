@@ -3,7 +3,7 @@
  * without a cluster. Exit codes: 0 every Module verified, 1 any not verified, 2 bad usage or input.
  */
 import { readFile } from 'node:fs/promises';
-import { arch as hostArch } from 'node:os';
+
 import { parseArgs } from 'node:util';
 import { parseImageReference } from '../image/reference.ts';
 import { createRegistryClient } from '../registry/client.ts';
@@ -14,7 +14,7 @@ import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-ca
 import { registryFileReader } from '../engine/image-files.ts';
 import type { KmmModule } from '../engine/module.ts';
 import { resolveReleaseKernel } from '../engine/ocp-release.ts';
-import { validateModule, type ModuleVerdict } from '../engine/validate.ts';
+import { validateModuleForKernel, type ModuleVerdict } from '../engine/validate.ts';
 import { InputError, loadManifests } from './manifests.ts';
 
 export const CHECK_USAGE = `Usage: kmm-preflight check (--kernel VERSION | --release-image REF [--rt]) -f PATH [-f PATH ...] [options]
@@ -239,7 +239,7 @@ export async function runCheck(argv: readonly string[], io: CheckIo): Promise<nu
   const verdicts = await pool(
     manifests.modules,
     args.concurrency,
-    (m) => validateModule(m, kernel!, { imageStage, platform: args.platform, credentialsFor, ...(caCertificates ? { caCertificates } : {}) }),
+    (m) => validateModuleForKernel(m, kernel!, { imageStage, platform: args.platform, credentialsFor, ...(caCertificates ? { caCertificates } : {}) }),
     (v) => {
       counts[v.status]++;
       if (progress) show();
@@ -276,4 +276,3 @@ export async function runCheck(argv: readonly string[], io: CheckIo): Promise<nu
   return counts.True === total ? 0 : 1;
 }
 
-export const HOST_ARCH_NOTE = `this machine is ${ARCHES[hostArch()] ?? hostArch()}; the target architecture is given with --arch`;

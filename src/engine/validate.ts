@@ -30,7 +30,7 @@ export interface ValidationDeps {
   readonly caCertificates?: readonly string[];
 }
 
-export async function validateModule(module: KmmModule, kernel: string, deps: ValidationDeps, signal?: AbortSignal): Promise<ModuleVerdict> {
+export async function validateModuleForKernel(module: KmmModule, kernel: string, deps: ValidationDeps, signal?: AbortSignal): Promise<ModuleVerdict> {
   const id = { namespace: module.metadata.namespace ?? '', name: module.metadata.name };
   const resolution = resolveModuleForKernel(module, kernel);
   switch (resolution.kind) {
