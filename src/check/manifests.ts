@@ -69,7 +69,7 @@ export async function loadManifests(paths: readonly string[]): Promise<ManifestS
         const o = doc as { apiVersion?: string; kind?: string; metadata?: { name?: string; namespace?: string }; type?: string; data?: Record<string, string>; stringData?: Record<string, string> };
         const where = `${file} (document ${i + 1})`;
         if (o?.kind === 'Module' && typeof o.apiVersion === 'string' && o.apiVersion.startsWith('kmm.sigs.x-k8s.io/')) {
-          const parsed = parseModule(doc);
+          const parsed = parseModule(doc, { defaultNamespace: 'default' });
           if (!parsed.ok) {
             problems.push(...parsed.errors.map((e) => `${where}: ${e}`));
             return;

@@ -94,7 +94,9 @@ export interface RegistryClient {
   /**
    * Streams a blob (compressed as stored). The stream errors with a `DigestMismatch`
    * {@link RegistryError} at its end when the bytes do not match `descriptor.digest`, and with
-   * `TooLarge` past `descriptor.size`; destroying it aborts the download.
+   * `TooLarge` past `descriptor.size`; destroying it aborts the download. What was read is
+   * provisional until the stream ends cleanly: a consumer must not conclude from a blob that
+   * later fails its digest check.
    */
   openBlob(ref: ImageReference, descriptor: Descriptor, access: RegistryAccess, options?: RequestOptions): Promise<Readable>;
 
