@@ -5,7 +5,7 @@
  * - {@link createMemoryLayerCache}: an LRU bounded by entry count and by approximate size.
  * - {@link createDiskLayerCache}: one JSON file per digest in a directory, written atomically
  *   (temporary file + rename), so concurrent processes and crashes never leave a torn entry; an
- *   unreadable or foreign file reads as a miss.
+ *   unreadable or foreign file reads as a miss. A small memory LRU sits in front by default.
  * - {@link createTieredLayerCache}: memory in front of disk.
  */
 import { randomBytes } from 'node:crypto';
@@ -92,6 +92,11 @@ export function createMemoryLayerCache(options: MemoryLayerCacheOptions = {}): M
 export interface DiskLayerCacheOptions {
   /** The directory (created when missing). */
   readonly dir: string;
+  /**
+   * An in-memory LRU in front of the files (default on, 256 entries), so that repeated
+   * validations in one process neither re-read nor re-parse the JSON; `false` for none.
+   */
+  readonly memory?: MemoryLayerCacheOptions | false;
 }
 
 export interface DiskLayerCache extends LayerCache {
@@ -102,6 +107,7 @@ export interface DiskLayerCache extends LayerCache {
 
 export function createDiskLayerCache(options: DiskLayerCacheOptions): DiskLayerCache {
   const { dir } = options;
+  const memory = options.memory === false ? undefined : createMemoryLayerCache({ maxEntries: 256, ...options.memory });
   let made: Promise<unknown> | undefined;
   const pathOf = (digest: string): string => {
     if (!isDigest(digest)) throw new Error(`not a digest: ${JSON.stringify(digest)}`);
@@ -112,6 +118,8 @@ export function createDiskLayerCache(options: DiskLayerCacheOptions): DiskLayerC
     pathOf,
     async get(digest) {
       if (!isDigest(digest)) return undefined;
+      const remembered = await memory?.get(digest);
+      if (remembered) return remembered;
       let text: string;
       try {
         text = await readFile(pathOf(digest), 'utf8');
@@ -123,6 +131,7 @@ export function createDiskLayerCache(options: DiskLayerCacheOptions): DiskLayerC
         if (parsed?.version !== LAYER_SCAN_VERSION || parsed.digest !== digest || typeof parsed.entries !== 'object') {
           return undefined;
         }
+        await memory?.set(digest, parsed);
         return parsed;
       } catch {
         await rm(pathOf(digest), { force: true }).catch(() => undefined);
@@ -137,6 +146,7 @@ export function createDiskLayerCache(options: DiskLayerCacheOptions): DiskLayerC
       try {
         await writeFile(tmp, JSON.stringify(result), { mode: 0o644 });
         await rename(tmp, target);
+        await memory?.set(digest, result);
       } catch (err) {
         await rm(tmp, { force: true }).catch(() => undefined);
         throw err;
