@@ -32,6 +32,8 @@ Options:
   --arch ARCH             target architecture (default: amd64; never guessed from this machine)
   --os OS                 target OS (default: linux)
   --registry-ca FILE      extra CA certificates (PEM) trusted for every registry
+  --insecure-registry HOST  read the release and driver-toolkit images from HOST[:PORT] over
+                          plain HTTP (repeatable; Modules say this in their registryTLS)
   --cache-dir DIR         keep layer scans on disk, so a second check downloads nothing again
   --concurrency N         Modules validated at once (default: 8)
   -o, --output FORMAT     table (default) or json
@@ -62,6 +64,7 @@ function parse(argv: readonly string[]) {
         arch: { type: 'string', default: 'amd64' },
         os: { type: 'string', default: 'linux' },
         'registry-ca': { type: 'string' },
+        'insecure-registry': { type: 'string', multiple: true },
         'cache-dir': { type: 'string' },
         concurrency: { type: 'string', default: '8' },
         output: { type: 'string', short: 'o', default: 'table' },
@@ -100,6 +103,7 @@ function parse(argv: readonly string[]) {
     pullSecret: v['pull-secret'],
     platform: { os: v.os ?? 'linux', architecture: ARCHES[v.arch ?? ''] ?? v.arch ?? 'amd64' } as Platform,
     registryCa: v['registry-ca'],
+    insecureRegistries: new Set(v['insecure-registry'] ?? []),
     cacheDir: v['cache-dir'],
     concurrency,
     output: v.output as 'table' | 'json',
@@ -203,7 +207,15 @@ export async function runCheck(argv: readonly string[], io: CheckIo): Promise<nu
     const resolution = await resolveReleaseKernel(
       args.releaseImage!,
       args.rt,
-      registryFileReader(registry, { ...(globalCredentials ? { credentials: globalCredentials } : {}), ...(caCertificates ? { caCertificates } : {}) }, args.platform),
+      registryFileReader(
+        registry,
+        (host) => ({
+          ...(globalCredentials ? { credentials: globalCredentials } : {}),
+          ...(caCertificates ? { caCertificates } : {}),
+          insecure: args.insecureRegistries.has(host),
+        }),
+        args.platform,
+      ),
     );
     if (!resolution.ok) {
       io.stderr.write(`kmm-preflight check: ${resolution.reason}\n`);

@@ -60,15 +60,24 @@ function asReleaseError(err: unknown): ReleaseFileError {
   return new ReleaseFileError('Invalid', (err as Error).message, false, { cause: err });
 }
 
-/** An {@link ImageFileReader} over a registry client; registry failures become ReleaseFileErrors. */
-export function registryFileReader(registry: RegistryClient, access: RegistryAccess, platform: Platform): ImageFileReader {
+/**
+ * An {@link ImageFileReader} over a registry client; registry failures become ReleaseFileErrors.
+ * `access` may depend on the registry of each image (a release and its driver-toolkit can live
+ * in different registries).
+ */
+export function registryFileReader(
+  registry: RegistryClient,
+  access: RegistryAccess | ((registryHost: string) => RegistryAccess),
+  platform: Platform,
+): ImageFileReader {
   return async (image, path, maxBytes, signal) => {
     try {
       const ref = withDefaultTag(parseImageReference(image));
-      const resolved = await registry.resolveImage(ref, access, platform, signal ? { signal } : {});
+      const a = typeof access === 'function' ? access(ref.domain) : access;
+      const resolved = await registry.resolveImage(ref, a, platform, signal ? { signal } : {});
       const wanted = normalise(path);
       for (const layer of [...resolved.layers].reverse()) {
-        const blob = await registry.openBlob(ref, layer, access, signal ? { signal } : {});
+        const blob = await registry.openBlob(ref, layer, a, signal ? { signal } : {});
         const verdict = await scanLayer(blob, wanted, maxBytes);
         if (verdict && 'found' in verdict) return verdict.found;
         if (verdict) return undefined;
