@@ -20,6 +20,7 @@
  * valid (compressed) tar. A refused layer is still read to its end, without decompressing, so that
  * the registry client verifies its digest before the refusal is cached.
  */
+import { detectCompression, type LayerCompression } from './decompress.ts';
 import type { Readable } from 'node:stream';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -62,7 +63,6 @@ export const DEFAULT_LAYER_SCAN_LIMITS: LayerScanLimits = {
   zstdWindowLogMax: 27,
 };
 
-export type LayerCompression = 'gzip' | 'zstd' | 'none';
 
 interface FileFacts {
   /** Module information of a module file. */
@@ -154,11 +154,6 @@ export function normalizeEntryPath(name: string): string | undefined {
   return out.join('/');
 }
 
-export function detectCompression(head: Buffer): LayerCompression {
-  if (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) return 'gzip';
-  if (head.length >= 4 && head.readUInt32LE(0) === 0xfd2fb528) return 'zstd';
-  return 'none';
-}
 
 const MODULES_TREE_RE = /(?:^|\/)lib\/modules(?:\/|$)/;
 
@@ -510,3 +505,5 @@ export function isScanReusable(result: LayerScanResult, limits: Partial<LayerSca
   }
   return true;
 }
+
+export { detectCompression, type LayerCompression };
