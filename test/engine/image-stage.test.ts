@@ -480,13 +480,10 @@ t.test('concurrent validations of one image share one download per layer', async
 // ---------------------------------------------------------------------------------------------
 // Against a real registry (Debian's docker-registry) and the real client
 
-const realHelpers = await import('../helpers/registry.ts').then(
-  (m) => m,
-  () => undefined,
-);
+const realHelpers = await import('../helpers/registry.ts');
 
-t.test('against a real registry with the real client', { skip: realHelpers ? false : 'test/helpers/registry.ts is not available' }, async (t) => {
-  const { startRegistry, accessFor } = realHelpers!;
+t.test('against a real registry with the real client', async (t) => {
+  const { startRegistry, accessFor } = realHelpers;
   const { pushImage, gzipBomb } = await import('../helpers/images.ts');
   const { createRegistryClient } = await import('../../src/registry/client.ts');
   const registry = await startRegistry();
@@ -559,4 +556,35 @@ t.test('against a real registry with the real client', { skip: realHelpers ? fal
     'Error',
     'RegistryUnreachable',
   );
+});
+
+t.test('a multi-arch index: the module is looked for in the target platform\'s image only', async (t) => {
+  const { startRegistry, accessFor } = realHelpers;
+  const { pushImage, pushIndex } = await import('../helpers/images.ts');
+  const { createRegistryClient } = await import('../../src/registry/client.ts');
+  const registry = await startRegistry();
+  t.teardown(() => registry.stop());
+  const client = createRegistryClient();
+  t.teardown(() => client.close());
+  const access = accessFor(registry);
+  const ko = await buildModuleObject({ name: 'gpu', vermagic: VERMAGIC });
+  const dir = `opt/lib/modules/${K}`;
+  const amd64 = await pushImage(registry, 'kmm/multi:amd64', {
+    platform: { os: 'linux', architecture: 'amd64' },
+    layers: [{ entries: [{ path: `${dir}/extra/gpu.ko`, content: ko }, { path: `${dir}/modules.dep`, content: 'extra/gpu.ko:\n' }] }],
+  });
+  const arm64 = await pushImage(registry, 'kmm/multi:arm64', {
+    platform: { os: 'linux', architecture: 'arm64' },
+    layers: [{ entries: [{ path: 'etc/os-release', content: 'ID=debian\n' }] }],
+  });
+  const index = await pushIndex(registry, 'kmm/multi:v1', [
+    { platform: { os: 'linux', architecture: 'amd64' }, ref: amd64 },
+    { platform: { os: 'linux', architecture: 'arm64' }, ref: arm64 },
+  ]);
+  const stage = createImageStage({ registry: client, cache: createMemoryLayerCache() });
+  const run = (architecture: string) =>
+    stage.run({ image: index.reference, moduleName: 'gpu', dirName: '/opt', kernel: K, access, platform: { os: 'linux', architecture } });
+  t.match(await run('amd64'), { status: 'True', code: 'Verified' });
+  t.match(await run('arm64'), { status: 'False', code: 'ModuleNotFound' });
+  t.match(await run('s390x'), { status: 'False', reason: /s390x/ });
 });
