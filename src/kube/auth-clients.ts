@@ -168,15 +168,21 @@ export function watchAuthenticationConfig(
   };
   informer.on('add', apply);
   informer.on('update', apply);
+  let stopped = false;
   informer.on('error', (err: unknown) => {
+    // Stopping aborts the open watch, which reports an error: that one is not retried.
+    if (stopped) return;
     logger.warn({ error: describe(err) }, 'watch of the authentication ConfigMap failed; retrying');
-    setTimeout(() => void informer.start().catch(() => undefined), 2000).unref();
+    setTimeout(() => {
+      if (!stopped) void informer.start().catch(() => undefined);
+    }, 2000).unref();
   });
   void informer.start().catch((err: unknown) => logger.warn({ error: describe(err) }, 'could not start the authentication ConfigMap watch'));
   return {
     current: () => config,
     ready,
     stop: async () => {
+      stopped = true;
       await informer.stop();
     },
   };

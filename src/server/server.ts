@@ -23,6 +23,16 @@ import { parseCertificateBundle, x509Authenticator } from '../auth/x509.ts';
 import { kubeAccessReviewer, kubeTokenReviewer, watchAuthenticationConfig } from '../kube/auth-clients.ts';
 import { openEtcdStore } from '../storage/etcd-store.ts';
 import { startTlsReloader, type TlsReloader } from './tls-reloader.ts';
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import { createClusterInputs } from '../controller/cluster-inputs.ts';
+import { createPreflightController, type PreflightController } from '../controller/controller.ts';
+import { createDirectoryInputs } from '../controller/directory-inputs.ts';
+import { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
+import { createImageStage } from '../engine/image-stage.ts';
+import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
+import { kubeEventRecorder, logEventRecorder } from '../kube/events.ts';
+import { createRegistryClient } from '../registry/client.ts';
 import { ensureDevPki } from '../certs/dev-pki.ts';
 import { openSqliteStore } from '../storage/sqlite-store.ts';
 import type { Store } from '../storage/store.ts';
@@ -81,10 +91,14 @@ async function standaloneAuth(config: Config): Promise<AuthWiring> {
 
 const NO_CERTIFICATES: readonly X509Certificate[] = [];
 
-async function delegatedAuth(config: Config, logger: Logger, onChange: () => void): Promise<AuthWiring> {
+function kubeConfigOf(config: Config): KubeConfig {
   const kc = new KubeConfig();
   if (config.kubeconfig) kc.loadFromFile(config.kubeconfig);
   else kc.loadFromCluster();
+  return kc;
+}
+
+async function delegatedAuth(config: Config, kc: KubeConfig, logger: Logger, onChange: () => void): Promise<AuthWiring> {
   const watch = watchAuthenticationConfig(kc, logger.child({ component: 'authentication' }), onChange);
   let timer: NodeJS.Timeout | undefined;
   await Promise.race([
@@ -133,7 +147,7 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
   let reloader: TlsReloader | undefined;
   const auth =
     config.authenticationMode === 'delegated'
-      ? await delegatedAuth(config, logger, () => void reloader?.check())
+      ? await delegatedAuth(config, kubeConfigOf(config), logger, () => void reloader?.check())
       : await standaloneAuth(config);
   const store = await openStore(config, logger);
   const registries = createRegistries(store, logger, { bookmarkIntervalMs: config.watchBookmarkIntervalSeconds * 1000 });
@@ -171,6 +185,8 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     'kmm-preflight API server listening',
   );
 
+  const controller = await startControllerIfWanted(config, logger, registries);
+
   let closing: Promise<void> | undefined;
   return {
     url,
@@ -180,6 +196,7 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     close: () => {
       closing ??= (async () => {
         reloader?.stop();
+        await controller?.stop();
         // Watches are long requests: end them so that close() does not wait for their timeout.
         app.server.closeAllConnections?.();
         await app.close();
@@ -212,4 +229,78 @@ async function openStore(config: Config, logger: Logger): Promise<Store> {
     historySeconds: config.historySeconds,
     onBackgroundError: (err) => logger.error({ err }, 'storage compaction failed'),
   });
+}
+
+/**
+ * The validation controller, when wanted: Modules from the cluster (delegated mode) or from a
+ * directory (stand-alone), run only while holding the Lease when leader election is on.
+ */
+async function startControllerIfWanted(
+  config: Config,
+  logger: Logger,
+  registries: readonly ResourceRegistry[],
+): Promise<{ stop(): Promise<void> } | undefined> {
+  const delegated = config.authenticationMode === 'delegated';
+  const wanted = config.controller ?? (delegated || config.modulesDir !== undefined);
+  if (!wanted) return undefined;
+  if (!delegated && !config.modulesDir) {
+    throw new Error('the controller needs Modules: give --modules-dir in stand-alone mode, or run with --authentication-mode delegated');
+  }
+  const log = logger.child({ component: 'controller' });
+  const kc = config.modulesDir ? undefined : kubeConfigOf(config);
+  const inputs = config.modulesDir ? createDirectoryInputs([config.modulesDir], log) : createClusterInputs(kc!, log);
+  const client = createRegistryClient({ userAgent: `kmm-preflight/${SERVER_VERSION}` });
+  const cache = config.layerCacheDir ? createDiskLayerCache({ dir: config.layerCacheDir }) : createMemoryLayerCache();
+  const imageStage = createImageStage({ registry: client, cache, logger: log });
+  const [pfv, pfvo] = registries;
+  const events = kc ? kubeEventRecorder(kc, log) : logEventRecorder(log);
+  const make = () =>
+    createPreflightController({
+      pfv: pfv!,
+      pfvo: pfvo!,
+      inputs,
+      imageStage,
+      registryClient: client,
+      platform: { os: 'linux', architecture: config.architecture },
+      logger: log,
+      events,
+      concurrency: config.validationConcurrency,
+    });
+  const abort = new AbortController();
+  let current: PreflightController | undefined;
+  let elector: Promise<void> | undefined;
+  if ((config.leaderElect ?? delegated) && kc) {
+    const identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
+    elector = createLeaderElector({
+      lease: kubeLeaseClient(kc, config.leaderElectionNamespace, 'kmm-preflight-controller'),
+      name: 'kmm-preflight-controller',
+      namespace: config.leaderElectionNamespace,
+      identity,
+      logger: log,
+      onStartedLeading: async (signal) => {
+        const c = make();
+        current = c;
+        // The term can end while the controller is still starting (inputs being listed).
+        const ended = new Promise<void>((r) => (signal.aborted ? r() : signal.addEventListener('abort', () => r(), { once: true })));
+        void ended.then(() => c.stop());
+        await c.start();
+        await ended;
+        await c.stop();
+        if (current === c) current = undefined;
+      },
+      onStoppedLeading: () => log.info({ identity }, 'stopped leading'),
+    }).run(abort.signal);
+  } else {
+    current = make();
+    await current.start();
+  }
+  return {
+    async stop() {
+      abort.abort();
+      await elector;
+      await current?.stop();
+      await inputs.stop();
+      client.close();
+    },
+  };
 }
