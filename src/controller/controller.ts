@@ -18,6 +18,7 @@ import type { DockerConfig, Platform, RegistryClient } from '../registry/types.t
 import { ApiError } from '../server/errors.ts';
 import type { RequestContext, ResourceRegistry } from '../server/registry.ts';
 import type { ClusterInputs } from './inputs.ts';
+import type { ControllerMetrics } from './metrics.ts';
 import { nextEntry, summarize, type EntryUpdate } from './status.ts';
 import { WorkQueue } from './work-queue.ts';
 import { createWorkerPool, type WorkerPool } from './worker-pool.ts';
@@ -40,6 +41,10 @@ export interface ControllerOptions {
   readonly events?: EventRecorder;
   readonly flushIntervalMs?: number;
   readonly now?: () => Date;
+  /** Registries (host[:port]) whose release and driver-toolkit images are read over plain HTTP. */
+  readonly insecureRegistries?: readonly string[];
+  /** Metrics, created once per process (a new term of leadership creates a new controller). */
+  readonly metrics?: ControllerMetrics;
 }
 
 interface ObjectState {
@@ -143,7 +148,9 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
       return;
     }
     const release = String(spec['releaseImage']);
-    const r = await resolveReleaseKernel(release, spec['useRTKernel'] === true, registryFileReader(o.registryClient, {}, o.platform), abort.signal);
+    const insecure = new Set(o.insecureRegistries ?? []);
+    const reader = registryFileReader(o.registryClient, (host) => ({ insecure: insecure.has(host) }), o.platform);
+    const r = await resolveReleaseKernel(release, spec['useRTKernel'] === true, reader, abort.signal);
     if (r.ok) {
       s.kernel = r.kernel;
       s.kernelProblem = undefined;
@@ -195,6 +202,8 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     const fp = fingerprint(module, o.inputs);
     const started = performance.now();
     const verdict = await validateModuleForKernel(module, s.kernel, { imageStage: o.imageStage, platform: o.platform, credentialsFor }, signal);
+    metrics?.stageDuration.observe({ stage: verdict.stage }, (performance.now() - started) / 1000);
+    metrics?.outcomes.inc({ status: verdict.status, code: verdict.code });
     if (signal.aborted || states.get(sk) !== s || s.generation !== generation) return 'done';
     log.debug({ object: s.name, module: mk, stage: verdict.stage, status: verdict.status, ms: Math.round(performance.now() - started) }, 'module validated');
     const before = s.entries.get(mk);
@@ -214,6 +223,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
   };
 
   const pool: WorkerPool = createWorkerPool({ queue, concurrency: o.concurrency ?? 16, handler, logger: log });
+  const metrics = o.metrics;
 
   /** Writes the dirty objects' statuses, one write per object, only when something changed. */
   const flush = async () => {
@@ -235,6 +245,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
         if (JSON.stringify(status) === JSON.stringify(prev)) continue;
         await registry.update(s.name, { ...current.obj, status }, ctx, 'status');
         statusWrites++;
+        metrics?.statusWrites.inc();
       } catch (err) {
         if (err instanceof ApiError && err.reason === 'NotFound') continue;
         s.dirty = true;

@@ -29,10 +29,12 @@ import { createClusterInputs } from '../controller/cluster-inputs.ts';
 import { createPreflightController, type PreflightController } from '../controller/controller.ts';
 import { createDirectoryInputs } from '../controller/directory-inputs.ts';
 import { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
+import { createControllerMetrics } from '../controller/metrics.ts';
 import { createImageStage } from '../engine/image-stage.ts';
 import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
 import { kubeEventRecorder, logEventRecorder } from '../kube/events.ts';
 import { createRegistryClient } from '../registry/client.ts';
+import type { Registry } from 'prom-client';
 import { ensureDevPki } from '../certs/dev-pki.ts';
 import { openSqliteStore } from '../storage/sqlite-store.ts';
 import type { Store } from '../storage/store.ts';
@@ -151,13 +153,14 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
       : await standaloneAuth(config);
   const store = await openStore(config, logger);
   const registries = createRegistries(store, logger, { bookmarkIntervalMs: config.watchBookmarkIntervalSeconds * 1000 });
+  const metrics = createApiMetrics();
   const app = await build({
     registries,
     store,
     logger,
     authenticator: auth.authenticator,
     authorizer: auth.authorizer,
-    metrics: createApiMetrics(),
+    metrics,
     version: SERVER_VERSION,
     https: { cert, key, ca: [...auth.clientCas()].filter((c) => c !== ''), requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' },
   });
@@ -185,7 +188,7 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     'kmm-preflight API server listening',
   );
 
-  const controller = await startControllerIfWanted(config, logger, registries);
+  const controller = await startControllerIfWanted(config, logger, registries, metrics.registry);
 
   let closing: Promise<void> | undefined;
   return {
@@ -239,6 +242,7 @@ async function startControllerIfWanted(
   config: Config,
   logger: Logger,
   registries: readonly ResourceRegistry[],
+  metricsRegistry: Registry,
 ): Promise<{ stop(): Promise<void> } | undefined> {
   const delegated = config.authenticationMode === 'delegated';
   const wanted = config.controller ?? (delegated || config.modulesDir !== undefined);
@@ -265,9 +269,16 @@ async function startControllerIfWanted(
       logger: log,
       events,
       concurrency: config.validationConcurrency,
+      insecureRegistries: config.insecureRegistries,
+      metrics,
     });
   const abort = new AbortController();
   let current: PreflightController | undefined;
+  const metrics = createControllerMetrics(metricsRegistry, {
+    queued: () => current?.stats.queued ?? 0,
+    running: () => current?.stats.running ?? 0,
+    registryBytes: () => client.bytesReceived,
+  });
   let elector: Promise<void> | undefined;
   if ((config.leaderElect ?? delegated) && kc) {
     const identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
