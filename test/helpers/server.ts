@@ -47,6 +47,8 @@ export interface RequestOptions {
   readonly body?: string | Buffer;
   readonly headers?: Record<string, string>;
   readonly anonymous?: boolean;
+  /** Another client certificate than the development admin's (e.g. from a cluster CA). */
+  readonly clientCert?: { readonly certPem: string; readonly keyPem: string };
 }
 
 export interface HttpResult {
@@ -103,7 +105,7 @@ export async function startTestServer(extraArgs: readonly string[] = []): Promis
           method,
           path,
           ca: tls!.ca,
-          ...(o.anonymous ? {} : { cert: tls!.cert, key: tls!.key }),
+          ...(o.anonymous ? {} : o.clientCert ? { cert: o.clientCert.certPem, key: o.clientCert.keyPem } : { cert: tls!.cert, key: tls!.key }),
           headers: { ...(o.headers ?? {}) },
           agent: false,
         },
