@@ -238,6 +238,36 @@ spec: {releaseImage: ${release.reference}}
   t.equal(first!.status.kernelVersion, K, 'and the first object is untouched');
 });
 
+t.test("rotating a Module's pull secret validates it again", async (t) => {
+  const locked = await startRegistry({ auth: 'token' });
+  t.teardown(() => locked.stop());
+  const ko = await buildModuleObject({ name: 'private', vermagic: `${K} SMP preempt mod_unload modversions` });
+  await pushImage(locked, 'drivers/private:v1', {
+    layers: [{ entries: [{ path: `opt/lib/modules/${K}/extra/private.ko`, content: ko }, { path: `opt/lib/modules/${K}/modules.dep`, content: 'extra/private.ko:\n' }] }],
+  });
+  const secret = (config: string) => `apiVersion: v1
+kind: Secret
+metadata: {name: pull, namespace: ns-2}
+type: kubernetes.io/dockerconfigjson
+data:
+  .dockerconfigjson: ${Buffer.from(config).toString('base64')}
+`;
+  const wrong = JSON.stringify({ auths: { [locked.host]: { auth: Buffer.from('kmm:wrong-password').toString('base64') } } });
+  await ok(['apply', '-f', '-'], secret(wrong));
+  await ok(['apply', '-f', '-'], moduleYaml('ns-2', 'private', `${locked.host}/drivers/private:v1`).replace('spec:\n', 'spec:\n  imageRepoSecret:\n    name: pull\n'));
+  const refused = await until('the refusal', async () => {
+    const o = await pfv('upgrade');
+    return entry(o, 'ns-2/private')?.verificationStatus === 'False' ? o : undefined;
+  });
+  t.match(entry(refused, 'ns-2/private'), { statusReason: /unauthori[sz]ed|credentials|denied|refused/i });
+  await ok(['apply', '-f', '-'], secret(locked.dockerConfigJson()));
+  const accepted = await until('the rotated secret to be used', async () => {
+    const o = await pfv('upgrade');
+    return entry(o, 'ns-2/private')?.verificationStatus === 'True' ? o : undefined;
+  });
+  t.match(entry(accepted, 'ns-2/private'), { verificationStage: 'Done' });
+});
+
 t.test('kubectl describe shows the transition events', async (t) => {
   const out = await ok(['describe', 'pfv', 'upgrade']);
   t.match(out, /Events:/);
