@@ -30,6 +30,7 @@ import { createPreflightController, type PreflightController } from '../controll
 import { createDirectoryInputs } from '../controller/directory-inputs.ts';
 import { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
 import { createControllerMetrics } from '../controller/metrics.ts';
+import { perRegistryLimit } from '../controller/registry-limit.ts';
 import { createImageStage } from '../engine/image-stage.ts';
 import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
 import { kubeEventRecorder, logEventRecorder } from '../kube/events.ts';
@@ -255,7 +256,7 @@ async function startControllerIfWanted(
   const inputs = config.modulesDir ? createDirectoryInputs([config.modulesDir], log) : createClusterInputs(kc!, log);
   const client = createRegistryClient({ userAgent: `kmm-preflight/${SERVER_VERSION}` });
   const cache = config.layerCacheDir ? createDiskLayerCache({ dir: config.layerCacheDir }) : createMemoryLayerCache();
-  const imageStage = createImageStage({ registry: client, cache, logger: log });
+  const imageStage = perRegistryLimit(createImageStage({ registry: client, cache, logger: log }), config.registryConcurrency);
   const [pfv, pfvo] = registries;
   const events = kc ? kubeEventRecorder(kc, log) : logEventRecorder(log);
   const make = () =>

@@ -8,7 +8,9 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import t from 'tap';
 import type { KubeObject } from '../../src/api/resources.ts';
+import { Registry } from 'prom-client';
 import { createPreflightController, type EventRecorder } from '../../src/controller/controller.ts';
+import { createControllerMetrics } from '../../src/controller/metrics.ts';
 import { createDirectoryInputs } from '../../src/controller/directory-inputs.ts';
 import { createImageStage } from '../../src/engine/image-stage.ts';
 import { createMemoryLayerCache } from '../../src/engine/layer-cache.ts';
@@ -87,7 +89,15 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
   t.teardown(() => client.close());
   const events: string[] = [];
   const recorder: EventRecorder = { record: (obj, type, reason, message) => void events.push(`${obj.metadata.name}:${type}:${reason}:${message}`) };
+  const metricsRegistry = new Registry();
+  let ctrl: { stats: { queued: number; running: number } } | undefined;
+  const metrics = createControllerMetrics(metricsRegistry, {
+    queued: () => ctrl?.stats.queued ?? 0,
+    running: () => ctrl?.stats.running ?? 0,
+    registryBytes: () => client.bytesReceived,
+  });
   const controller = createPreflightController({
+    metrics,
     pfv: pfv!,
     pfvo: pfvo!,
     inputs,
@@ -100,6 +110,7 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
   });
   await pfv!.create({ apiVersion: 'kmm.sigs.x-k8s.io/v1beta2', kind: 'PreflightValidation', metadata: { name: 'k1' }, spec: { kernelVersion: K } }, ctx);
   await pfv!.create({ apiVersion: 'kmm.sigs.x-k8s.io/v1beta2', kind: 'PreflightValidation', metadata: { name: 'k2' }, spec: { kernelVersion: K2 } }, ctx);
+  ctrl = controller;
   await controller.start();
   t.teardown(() => controller.stop());
 
@@ -148,4 +159,11 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
   t.ok(events.some((e) => e.startsWith('k1:Warning:ModuleFailed:Module ns-0/missing')), 'a Warning event for the failure');
   t.ok(events.some((e) => e.startsWith('k1:Normal:ModuleVerified:Module ns-0/missing')), 'a Normal event for its fix');
   t.ok(controller.stats.statusWrites < 40, `status writes are coalesced (${controller.stats.statusWrites})`);
+  const text = await metricsRegistry.metrics();
+  t.match(text, /kmm_preflight_validation_outcomes_total\{status="True",code="Verified"\} \d+/);
+  t.match(text, /kmm_preflight_validation_outcomes_total\{status="False",code="ImageNotFound"\} \d+/);
+  t.match(text, /kmm_preflight_stage_duration_seconds_count\{stage="Image"\} \d+/);
+  t.match(text, /kmm_preflight_status_writes_total \d+/);
+  t.match(text, /kmm_preflight_registry_received_bytes [1-9]\d*/);
+  t.match(text, /kmm_preflight_validation_queue_depth 0/);
 });
