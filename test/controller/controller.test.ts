@@ -158,6 +158,14 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
   t.equal(after.status!.counts!.total, 7);
   t.ok(events.some((e) => e.startsWith('k1:Warning:ModuleFailed:Module ns-0/missing')), 'a Warning event for the failure');
   t.ok(events.some((e) => e.startsWith('k1:Normal:ModuleVerified:Module ns-0/missing')), 'a Normal event for its fix');
+  // A spec change of the object restarts its validation, for the new kernel.
+  await pfv!.patch('k2', 'merge', { spec: { kernelVersion: K } }, ctx, '', false);
+  const restarted = await waitFor('the restarted validation', async () => {
+    const o = (await pfv!.get('k2')).obj as KubeObject;
+    return o.status?.observedGeneration === 2 && o.status.counts?.pending === 0 && o.status.counts.error === 0 ? o : undefined;
+  });
+  t.equal(restarted.status!.kernelVersion, K);
+  t.equal(restarted.status!.counts!.verified, 7, 'every Module validated again for the new kernel');
   t.ok(controller.stats.statusWrites < 40, `status writes are coalesced (${controller.stats.statusWrites})`);
   const text = await metricsRegistry.metrics();
   t.match(text, /kmm_preflight_validation_outcomes_total\{status="True",code="Verified"\} \d+/);
