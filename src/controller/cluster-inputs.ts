@@ -41,6 +41,7 @@ import {
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { MODULE_API_VERSION, moduleKey, parseModule, type KmmModule } from '../engine/module.ts';
+import { describeKubeError, withTimeout } from '../kube/errors.ts';
 import {
   dockerConfigJsonOf,
   InputEvents,
@@ -97,43 +98,11 @@ interface Held<D> {
 /** Objects whose data was dropped while the list was read (not referenced then). */
 const strippedAtList = new WeakSet<object>();
 
-/** One line for logs: the HTTP status and kube-apiserver's message, never a body or an object. */
-function describe(err: unknown): string {
-  const e = err as { code?: unknown; statusCode?: unknown; body?: unknown; message?: unknown; name?: unknown };
-  const status = typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
-  if (status !== undefined) {
-    let message = '';
-    try {
-      const body = typeof e.body === 'string' ? (JSON.parse(e.body) as unknown) : e.body;
-      const m = (body as { message?: unknown } | undefined)?.message;
-      if (typeof m === 'string') message = m;
-    } catch {
-      // not a Status body
-    }
-    return `kube-apiserver answered ${status}${message ? `: ${message}` : ''}`;
-  }
-  let message = typeof e.message === 'string' ? e.message : String(err);
-  // undici's "fetch failed" says why in its cause (e.g. connect ECONNREFUSED 127.0.0.1:6443).
-  const cause = (err as { cause?: { message?: unknown } }).cause;
-  if (typeof cause?.message === 'string' && cause.message !== '') message += ` (${cause.message})`;
-  // A transport error's message names the URL at most; cut it short anyway.
-  return message.length > 300 ? `${message.slice(0, 300)}…` : message;
-}
-
 function statusOf(err: unknown): number | undefined {
   const e = err as { code?: unknown; statusCode?: unknown };
   return typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
 }
 
-function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p.finally(() => clearTimeout(timer)),
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
-    }),
-  ]);
-}
 
 /**
  * Whether resourceVersion `a` is older than `b`. Resource versions are opaque to clients in general; here both
@@ -281,7 +250,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
   const enqueue = (what: string, task: () => void | Promise<void>) => {
     tail = tail
       .then(() => (stopped ? undefined : task()))
-      .catch((err: unknown) => log.error({ task: what, error: describe(err) }, 'handling an input change failed'));
+      .catch((err: unknown) => log.error({ task: what, error: describeKubeError(err) }, 'handling an input change failed'));
   };
 
   // --- informers -------------------------------------------------------------------------------
@@ -301,7 +270,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
       },
       relistAfter: relistAfterWatchFailures,
       onForcedRelist: (err) =>
-        log.warn({ resource, error: describe(err), failures: relistAfterWatchFailures }, 'watch failed again; forcing a relist'),
+        log.warn({ resource, error: describeKubeError(err), failures: relistAfterWatchFailures }, 'watch failed again; forcing a relist'),
     });
     const listAndNote = async () => {
       const result = await list();
@@ -321,7 +290,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
       log.warn(
         {
           resource,
-          error: describe(err),
+          error: describeKubeError(err),
           retryInMs: delay,
           ...(status === 404 && resource === MODULE_PLURAL ? { hint: `is the ${MODULE_PLURAL}.${MODULE_GROUP} CRD installed?` } : {}),
         },
@@ -383,7 +352,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
       try {
         options.onInvalid?.(key, parsed.errors);
       } catch (err) {
-        log.error({ error: describe(err) }, 'onInvalid failed');
+        log.error({ error: describeKubeError(err) }, 'onInvalid failed');
       }
       if (previous) {
         modules.delete(key);
@@ -484,7 +453,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
     } catch (err) {
       if (statusOf(err) === 404) return; // deleted meanwhile: its DELETED event follows
       const delay = Math.min(retryMaxMs, retryBaseMs * 4);
-      log.warn({ kind, object: key, error: describe(err), retryInMs: delay }, 'cannot read a referenced object; retrying');
+      log.warn({ kind, object: key, error: describeKubeError(err), retryInMs: delay }, 'cannot read a referenced object; retrying');
       const timer = setTimeout(() => {
         retryTimers.delete(timer);
         enqueue(`read ${kind}`, () => ensureHeld(ref, true));

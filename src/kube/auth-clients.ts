@@ -14,32 +14,8 @@ import {
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import type { AccessReviewer, TokenReviewer } from '../auth/delegated.ts';
+import { describeKubeError, withTimeout } from './errors.ts';
 import { AUTHENTICATION_CONFIGMAP, parseAuthenticationConfigMap, type DelegatedAuthenticationConfig } from '../auth/authentication-configmap.ts';
-
-function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p.finally(() => clearTimeout(timer)),
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
-    }),
-  ]);
-}
-
-/** One line for logs and reasons: the status and kube-apiserver's message, not the whole response. */
-function describe(err: unknown): string {
-  const e = err as { code?: number; body?: unknown; message?: string };
-  if (typeof e.code === 'number') {
-    let message = '';
-    try {
-      message = (JSON.parse(String(e.body)) as { message?: string }).message ?? '';
-    } catch {
-      // not a Status body
-    }
-    return `kube-apiserver answered ${e.code}${message ? `: ${message}` : ''}`;
-  }
-  return e.message ?? String(err);
-}
 
 export function kubeTokenReviewer(kc: KubeConfig, timeoutMs = 5000): TokenReviewer {
   const api = kc.makeApiClient(AuthenticationV1Api);
@@ -63,7 +39,7 @@ export function kubeTokenReviewer(kc: KubeConfig, timeoutMs = 5000): TokenReview
           },
         };
       } catch (err) {
-        throw new Error(`TokenReview failed: ${describe(err)}`, { cause: err });
+        throw new Error(`TokenReview failed: ${describeKubeError(err)}`, { cause: err });
       }
     },
   };
@@ -111,7 +87,7 @@ export function kubeAccessReviewer(kc: KubeConfig, timeoutMs = 5000): AccessRevi
           ...(s?.evaluationError ? { evaluationError: s.evaluationError } : {}),
         };
       } catch (err) {
-        throw new Error(`SubjectAccessReview failed: ${describe(err)}`, { cause: err });
+        throw new Error(`SubjectAccessReview failed: ${describeKubeError(err)}`, { cause: err });
       }
     },
   };
@@ -172,12 +148,12 @@ export function watchAuthenticationConfig(
   informer.on('error', (err: unknown) => {
     // Stopping aborts the open watch, which reports an error: that one is not retried.
     if (stopped) return;
-    logger.warn({ error: describe(err) }, 'watch of the authentication ConfigMap failed; retrying');
+    logger.warn({ error: describeKubeError(err) }, 'watch of the authentication ConfigMap failed; retrying');
     setTimeout(() => {
       if (!stopped) void informer.start().catch(() => undefined);
     }, 2000).unref();
   });
-  void informer.start().catch((err: unknown) => logger.warn({ error: describe(err) }, 'could not start the authentication ConfigMap watch'));
+  void informer.start().catch((err: unknown) => logger.warn({ error: describeKubeError(err) }, 'could not start the authentication ConfigMap watch'));
   return {
     current: () => config,
     ready,
