@@ -114,7 +114,9 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     return parseDockerConfigJson(text);
   };
 
-  const modulesByKey = () => new Map(o.inputs.modules().map((m) => [moduleKey(m), m] as const));
+  // Rebuilt only when the Modules change: every work item looks its Module up here.
+  let modulesCache: Map<string, KmmModule> | undefined;
+  const modulesByKey = () => (modulesCache ??= new Map(o.inputs.modules().map((m) => [moduleKey(m), m] as const)));
 
   /** Brings an object's entries in line with the cluster's Modules and queues the work due. */
   const sync = (s: ObjectState) => {
@@ -289,6 +291,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
   };
 
   o.inputs.on('module', (change) => {
+    modulesCache = undefined;
     for (const s of states.values()) {
       if (change.type === 'modified') {
         const k = moduleKey(change.module);

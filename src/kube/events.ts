@@ -48,12 +48,3 @@ export function kubeEventRecorder(kc: KubeConfig, logger: Logger, component = 'k
     },
   };
 }
-
-/** Stand-alone mode has no cluster to keep events in: they go to the log. */
-export function logEventRecorder(logger: Logger): EventRecorder {
-  return {
-    record(object, type, reason, message) {
-      logger.info({ object: object.metadata.name, kind: object.kind, type, reason }, message);
-    },
-  };
-}

@@ -11,29 +11,20 @@ import { RESOURCES } from '../api/resources.ts';
 import { API_VERSION } from '../api/schema.ts';
 import { createAjv } from '../api/validation.ts';
 import { createFieldManager } from '../apply/field-manager.ts';
-import type { X509Certificate } from 'node:crypto';
 import type { Server as HttpsServer } from 'node:https';
-import { KubeConfig } from '@kubernetes/client-node';
-import { AUTHENTICATION_CONFIGMAP } from '../auth/authentication-configmap.ts';
 import { allowAuthenticatedAuthorizer } from '../auth/standalone.ts';
-import { subjectAccessReviewAuthorizer, tokenReviewAuthenticator } from '../auth/delegated.ts';
-import { requestHeaderAuthenticator } from '../auth/request-header.ts';
-import { unionAuthenticator, type Authenticator, type Authorizer } from '../auth/types.ts';
+import type { Authenticator, Authorizer } from '../auth/types.ts';
 import { parseCertificateBundle, x509Authenticator } from '../auth/x509.ts';
-import { kubeAccessReviewer, kubeTokenReviewer, watchAuthenticationConfig } from '../kube/auth-clients.ts';
-import { openEtcdStore } from '../storage/etcd-store.ts';
 import { startTlsReloader, type TlsReloader } from './tls-reloader.ts';
 import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
-import { createClusterInputs } from '../controller/cluster-inputs.ts';
 import { createPreflightController, type PreflightController } from '../controller/controller.ts';
 import { createDirectoryInputs } from '../controller/directory-inputs.ts';
-import { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
 import { createControllerMetrics } from '../controller/metrics.ts';
 import { perRegistryLimit } from '../controller/registry-limit.ts';
 import { createImageStage } from '../engine/image-stage.ts';
 import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
-import { kubeEventRecorder, logEventRecorder } from '../kube/events.ts';
+import { logEventRecorder } from '../kube/log-events.ts';
 import { createRegistryClient } from '../registry/client.ts';
 import type { Registry } from 'prom-client';
 import { ensureDevPki } from '../certs/dev-pki.ts';
@@ -74,7 +65,7 @@ export function createRegistries(store: Store, logger: Logger, options: { bookma
 }
 
 /** Authentication, authorization and the client CAs the TLS layer must trust, per mode. */
-interface AuthWiring {
+export interface AuthWiring {
   readonly authenticator: Authenticator;
   readonly authorizer: Authorizer;
   readonly clientCas: () => readonly string[];
@@ -92,53 +83,6 @@ async function standaloneAuth(config: Config): Promise<AuthWiring> {
   };
 }
 
-const NO_CERTIFICATES: readonly X509Certificate[] = [];
-
-function kubeConfigOf(config: Config): KubeConfig {
-  const kc = new KubeConfig();
-  if (config.kubeconfig) kc.loadFromFile(config.kubeconfig);
-  else kc.loadFromCluster();
-  return kc;
-}
-
-async function delegatedAuth(config: Config, kc: KubeConfig, logger: Logger, onChange: () => void): Promise<AuthWiring> {
-  const watch = watchAuthenticationConfig(kc, logger.child({ component: 'authentication' }), onChange);
-  let timer: NodeJS.Timeout | undefined;
-  await Promise.race([
-    watch.ready,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () =>
-          reject(
-            new Error(
-              `could not read ${AUTHENTICATION_CONFIGMAP.namespace}/${AUTHENTICATION_CONFIGMAP.name} from ${kc.getCurrentCluster()?.server ?? 'the cluster'} within 60 s: check the kubeconfig and the extension-apiserver-authentication-reader RoleBinding`,
-            ),
-          ),
-        60_000,
-      );
-    }),
-  ]).finally(() => clearTimeout(timer));
-  return {
-    authenticator: unionAuthenticator(
-      requestHeaderAuthenticator(() => watch.current()?.requestHeader),
-      x509Authenticator(() => watch.current()?.clientCa ?? NO_CERTIFICATES),
-      tokenReviewAuthenticator(kubeTokenReviewer(kc), {
-        successTtlMs: config.authenticationCacheTtlSeconds * 1000,
-        failureTtlMs: config.authenticationCacheTtlSeconds * 1000,
-      }),
-    ),
-    authorizer: subjectAccessReviewAuthorizer(kubeAccessReviewer(kc), {
-      allowTtlMs: config.authorizationAllowTtlSeconds * 1000,
-      denyTtlMs: config.authorizationDenyTtlSeconds * 1000,
-    }),
-    clientCas: () => {
-      const c = watch.current();
-      return c ? [c.clientCaPem, c.requestHeaderCaPem] : [];
-    },
-    stop: () => watch.stop(),
-  };
-}
-
 export async function startServer(config: Config, logger: Logger): Promise<RunningServer> {
   if (config.generateDevCerts) {
     const host = config.listenAddress === '0.0.0.0' || config.listenAddress === '::' ? '127.0.0.1' : config.listenAddress;
@@ -150,7 +94,11 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
   let reloader: TlsReloader | undefined;
   const auth =
     config.authenticationMode === 'delegated'
-      ? await delegatedAuth(config, kubeConfigOf(config), logger, () => void reloader?.check())
+      ? await (async () => {
+          // Loaded only when used: the Kubernetes client is a large module stand-alone mode never needs.
+          const kube = await import('./kube-wiring.ts');
+          return kube.delegatedAuth(config, kube.kubeConfigOf(config), logger, () => void reloader?.check());
+        })()
       : await standaloneAuth(config);
   const store = await openStore(config, logger);
   const registries = createRegistries(store, logger, { bookmarkIntervalMs: config.watchBookmarkIntervalSeconds * 1000 });
@@ -214,6 +162,7 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
 
 async function openStore(config: Config, logger: Logger): Promise<Store> {
   if (config.storage === 'etcd') {
+    const { openEtcdStore } = await import('../storage/etcd-store.ts');
     return openEtcdStore({
       endpoints: [...config.etcdServers],
       prefix: config.etcdPrefix,
@@ -252,13 +201,14 @@ async function startControllerIfWanted(
     throw new Error('the controller needs Modules: give --modules-dir in stand-alone mode, or run with --authentication-mode delegated');
   }
   const log = logger.child({ component: 'controller' });
-  const kc = config.modulesDir ? undefined : kubeConfigOf(config);
-  const inputs = config.modulesDir ? createDirectoryInputs([config.modulesDir], log) : createClusterInputs(kc!, log);
+  const kube = config.modulesDir ? undefined : await import('./kube-wiring.ts');
+  const kc = kube?.kubeConfigOf(config);
+  const inputs = kube && kc ? kube.createClusterInputs(kc, log) : createDirectoryInputs([config.modulesDir!], log);
   const client = createRegistryClient({ userAgent: `kmm-preflight/${SERVER_VERSION}` });
   const cache = config.layerCacheDir ? createDiskLayerCache({ dir: config.layerCacheDir }) : createMemoryLayerCache();
   const imageStage = perRegistryLimit(createImageStage({ registry: client, cache, logger: log }), config.registryConcurrency);
   const [pfv, pfvo] = registries;
-  const events = kc ? kubeEventRecorder(kc, log) : logEventRecorder(log);
+  const events = kube && kc ? kube.kubeEventRecorder(kc, log) : logEventRecorder(log);
   const make = () =>
     createPreflightController({
       pfv: pfv!,
@@ -281,10 +231,10 @@ async function startControllerIfWanted(
     registryBytes: () => client.bytesReceived,
   });
   let elector: Promise<void> | undefined;
-  if ((config.leaderElect ?? delegated) && kc) {
+  if ((config.leaderElect ?? delegated) && kube && kc) {
     const identity = `${hostname()}_${randomUUID().slice(0, 8)}`;
-    elector = createLeaderElector({
-      lease: kubeLeaseClient(kc, config.leaderElectionNamespace, 'kmm-preflight-controller'),
+    elector = kube.createLeaderElector({
+      lease: kube.kubeLeaseClient(kc, config.leaderElectionNamespace, 'kmm-preflight-controller'),
       name: 'kmm-preflight-controller',
       namespace: config.leaderElectionNamespace,
       identity,
