@@ -110,6 +110,9 @@ t.test('two replicas: only the leader validates; killing it, the other finishes 
   t.notOk(leading(standby), 'the standby does not validate');
   const created = await leader.request('POST', '/apis/kmm.sigs.x-k8s.io/v1beta2/preflightvalidations', { body: pfvBody('replicas'), headers: { 'content-type': 'application/json' }, clientCert: clusterAdmin });
   t.equal(created.status, 201);
+  // While the validation runs: one Module deleted, one added.
+  await ok(['delete', 'module', `m${MODULES - 1}`, '-n', 'drivers']);
+  await ok(['apply', '-f', '-'], moduleYaml(MODULES).replace(`drivers/m${MODULES}:v1`, `drivers/m0:v1`).replace(`moduleName: m${MODULES}`, 'moduleName: m0'));
   const partial = await until('some, not all, Modules verified', async () => {
     const o = await status(standby, 'replicas');
     const v = o?.status?.counts?.verified ?? 0;
@@ -128,6 +131,9 @@ t.test('two replicas: only the leader validates; killing it, the other finishes 
     120_000,
   );
   t.ok(leading(standby), 'the standby took over');
+  const names = new Set(done.status!.modules!.map((m) => m.name));
+  t.notOk(names.has(`m${MODULES - 1}`), 'the Module deleted during the validation left the list');
+  t.ok(names.has(`m${MODULES}`), 'the Module added during the validation was validated');
   survivor = standby;
   for (const m of done.status!.modules!) {
     const before = verifiedBefore.get(`${m.namespace}/${m.name}`);
