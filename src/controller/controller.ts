@@ -36,6 +36,8 @@ export interface ControllerOptions {
   readonly registryClient: RegistryClient;
   /** Target platform of the nodes (architecture), never this process's CPU by default. */
   readonly platform: Platform;
+  /** The platform a Module is validated for, when it depends on the Module (its arch selector). */
+  readonly platformFor?: (module: KmmModule) => Platform;
   readonly logger: Logger;
   readonly concurrency?: number;
   readonly events?: EventRecorder;
@@ -203,7 +205,8 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     const generation = s.generation;
     const fp = fingerprint(module, o.inputs);
     const started = performance.now();
-    const verdict = await validateModuleForKernel(module, s.kernel, { imageStage: o.imageStage, platform: o.platform, credentialsFor }, signal);
+    const platform = o.platformFor?.(module) ?? o.platform;
+    const verdict = await validateModuleForKernel(module, s.kernel, { imageStage: o.imageStage, platform, credentialsFor }, signal);
     metrics?.stageDuration.observe({ stage: verdict.stage }, (performance.now() - started) / 1000);
     metrics?.outcomes.inc({ status: verdict.status, code: verdict.code });
     if (signal.aborted || states.get(sk) !== s || s.generation !== generation) return 'done';

@@ -3,7 +3,7 @@
  * a large module that stand-alone mode never needs (it costs about 60 MiB of memory).
  */
 import type { X509Certificate } from 'node:crypto';
-import { KubeConfig } from '@kubernetes/client-node';
+import { CoreV1Api, KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import type { Config } from '../config.ts';
 import { AUTHENTICATION_CONFIGMAP } from '../auth/authentication-configmap.ts';
@@ -65,3 +65,19 @@ export async function delegatedAuth(config: Config, kc: KubeConfig, logger: Logg
   };
 }
 
+
+/** The architectures of the cluster's nodes, most common first (empty when none can be read). */
+export async function nodeArchitectures(kc: KubeConfig, logger: Logger): Promise<string[]> {
+  try {
+    const nodes = await kc.makeApiClient(CoreV1Api).listNode({});
+    const count = new Map<string, number>();
+    for (const n of nodes.items) {
+      const a = n.status?.nodeInfo?.architecture;
+      if (a) count.set(a, (count.get(a) ?? 0) + 1);
+    }
+    return [...count].sort((x, y) => y[1] - x[1]).map(([a]) => a);
+  } catch (err) {
+    logger.warn({ error: (err as Error).message }, 'could not list the nodes to learn their architectures');
+    return [];
+  }
+}

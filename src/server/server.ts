@@ -27,6 +27,8 @@ import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-ca
 import { logEventRecorder } from '../kube/log-events.ts';
 import { createRegistryClient } from '../registry/client.ts';
 import type { Registry } from 'prom-client';
+import type { KmmModule } from '../engine/module.ts';
+import type { Platform } from '../registry/types.ts';
 import { ensureDevPki } from '../certs/dev-pki.ts';
 import { openSqliteStore } from '../storage/sqlite-store.ts';
 import type { Store } from '../storage/store.ts';
@@ -209,14 +211,24 @@ async function startControllerIfWanted(
   const imageStage = perRegistryLimit(createImageStage({ registry: client, cache, logger: log }), config.registryConcurrency);
   const [pfv, pfvo] = registries;
   const events = kube && kc ? kube.kubeEventRecorder(kc, log) : logEventRecorder(log);
+  // A Module's own kubernetes.io/arch selector decides; else --architecture; else the nodes'
+  // most common architecture; never this server's CPU.
+  let nodeArchs: string[] = [];
+  if (kube && kc && !config.architecture) {
+    nodeArchs = await kube.nodeArchitectures(kc, log);
+    log.info({ architectures: nodeArchs }, 'node architectures');
+  }
+  const defaultArch = config.architecture ?? nodeArchs[0] ?? 'amd64';
+  const platformFor = (m: KmmModule): Platform => ({ os: 'linux', architecture: m.spec.selector?.['kubernetes.io/arch'] ?? defaultArch });
   const make = () =>
     createPreflightController({
+      platformFor,
       pfv: pfv!,
       pfvo: pfvo!,
       inputs,
       imageStage,
       registryClient: client,
-      platform: { os: 'linux', architecture: config.architecture },
+      platform: { os: 'linux', architecture: defaultArch },
       logger: log,
       events,
       concurrency: config.validationConcurrency,

@@ -175,3 +175,41 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
   t.match(text, /kmm_preflight_registry_received_bytes [1-9]\d*/);
   t.match(text, /kmm_preflight_validation_queue_depth 0/);
 });
+
+t.test("a Module is validated for its own architecture: the platform comes from platformFor", async (t) => {
+  const modulesDir = join(dir, 'arch-modules');
+  await import('node:fs/promises').then((fs) => fs.mkdir(modulesDir));
+  const { pushIndex } = await import('../helpers/images.ts');
+  const amd64 = await image(`drivers/multi:amd64`, 'multi', K);
+  const index = await pushIndex(registry, 'drivers/multi:v1', [{ platform: { os: 'linux', architecture: 'amd64' }, ref: amd64 }]);
+  await writeFile(join(modulesDir, 'amd.yaml'), moduleYaml('multi', 'ns-a', index.reference));
+  await writeFile(join(modulesDir, 'arm.yaml'), moduleYaml('multi', 'ns-b', index.reference).replace('kubernetes.io/arch: amd64', 'kubernetes.io/arch: arm64'));
+  const store = await openSqliteStore({ path: join(dir, 'arch.sqlite'), compactIntervalMs: 0 });
+  t.teardown(() => store.close());
+  const [pfv, pfvo] = createRegistries(store, logger);
+  const inputs = createDirectoryInputs([modulesDir], logger);
+  t.teardown(() => inputs.stop());
+  const client = createRegistryClient();
+  t.teardown(() => client.close());
+  const controller = createPreflightController({
+    pfv: pfv!,
+    pfvo: pfvo!,
+    inputs,
+    imageStage: createImageStage({ registry: client, cache: createMemoryLayerCache() }),
+    registryClient: client,
+    platform: { os: 'linux', architecture: 'amd64' },
+    platformFor: (m) => ({ os: 'linux', architecture: m.spec.selector['kubernetes.io/arch'] ?? 'amd64' }),
+    logger,
+    flushIntervalMs: 100,
+  });
+  await pfv!.create({ apiVersion: 'kmm.sigs.x-k8s.io/v1beta2', kind: 'PreflightValidation', metadata: { name: 'arch' }, spec: { kernelVersion: K } }, ctx);
+  await controller.start();
+  t.teardown(() => controller.stop());
+  const o = await waitFor('both verdicts', async () => {
+    const x = (await pfv!.get('arch')).obj as KubeObject;
+    return x.status?.counts?.total === 2 && x.status.counts.pending === 0 && x.status.counts.error === 0 ? x : undefined;
+  });
+  const by = new Map(o.status!.modules!.map((m) => [m.namespace, m]));
+  t.match(by.get('ns-a'), { verificationStatus: 'True' });
+  t.match(by.get('ns-b'), { verificationStatus: 'False', statusReason: /arm64/ });
+});

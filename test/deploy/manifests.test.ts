@@ -351,6 +351,7 @@ t.test('RBAC: least privilege, no wildcard', async (t) => {
       'kmm.sigs.x-k8s.io/modules': ['get', 'list', 'watch'],
       'core/secrets': ['get', 'list', 'watch'],
       'core/configmaps': ['get', 'list', 'watch'],
+      'core/nodes': ['list'],
       'core/events': ['create', 'patch'],
       'events.k8s.io/events': ['create', 'patch'],
       'batch/jobs': ['create', 'delete', 'get', 'list', 'watch'],
