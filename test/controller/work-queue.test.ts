@@ -3,45 +3,10 @@
  * matters (delays, backoff, drain timeouts).
  */
 import t from 'tap';
-import { exponentialBackoff, QueueFullError, QueueShutDownError, WorkQueue, type Clock } from '../../src/controller/work-queue.ts';
+import { FakeClock, flush } from '../helpers/fake-clock.ts';
+import { exponentialBackoff, QueueFullError, QueueShutDownError, WorkQueue } from '../../src/controller/work-queue.ts';
 
 /** Lets every pending promise continuation run. */
-const flush = () => new Promise<void>((r) => setImmediate(r));
-
-/** Manual time: timers fire only in `advance`, in deadline order, with continuations run between. */
-class FakeClock implements Clock {
-  t = 0;
-  #seq = 0;
-  readonly #timers = new Map<number, { at: number; fn: () => void }>();
-  now(): number {
-    return this.t;
-  }
-  setTimeout(fn: () => void, ms: number): unknown {
-    const id = ++this.#seq;
-    this.#timers.set(id, { at: this.t + Math.max(0, ms), fn });
-    return id;
-  }
-  clearTimeout(handle: unknown): void {
-    this.#timers.delete(handle as number);
-  }
-  get pending(): number {
-    return this.#timers.size;
-  }
-  async advance(ms: number): Promise<void> {
-    const target = this.t + ms;
-    for (;;) {
-      await flush();
-      let next: [number, { at: number; fn: () => void }] | undefined;
-      for (const entry of this.#timers) if (entry[1].at <= target && (!next || entry[1].at < next[1].at)) next = entry;
-      if (!next) break;
-      this.#timers.delete(next[0]);
-      this.t = next[1].at;
-      next[1].fn();
-    }
-    this.t = target;
-    await flush();
-  }
-}
 
 /** A small deterministic PRNG so the concurrency test is reproducible. */
 function lcg(seed: number): () => number {

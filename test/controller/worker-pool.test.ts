@@ -7,10 +7,9 @@
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import t from 'tap';
-import { WorkQueue, type Clock } from '../../src/controller/work-queue.ts';
+import { FakeClock, flush } from '../helpers/fake-clock.ts';
+import { WorkQueue } from '../../src/controller/work-queue.ts';
 import { createKeyedSemaphore, createWorkerPool, type HandlerOutcome } from '../../src/controller/worker-pool.ts';
-
-const flush = () => new Promise<void>((r) => setImmediate(r));
 
 /** Flushes until `cond` holds (a few hundred turns at most). */
 async function until(what: string, cond: () => boolean): Promise<void> {
@@ -19,37 +18,6 @@ async function until(what: string, cond: () => boolean): Promise<void> {
     await flush();
   }
   throw new Error(`never happened: ${what}`);
-}
-
-class FakeClock implements Clock {
-  t = 0;
-  #seq = 0;
-  readonly #timers = new Map<number, { at: number; fn: () => void }>();
-  now(): number {
-    return this.t;
-  }
-  setTimeout(fn: () => void, ms: number): unknown {
-    const id = ++this.#seq;
-    this.#timers.set(id, { at: this.t + Math.max(0, ms), fn });
-    return id;
-  }
-  clearTimeout(handle: unknown): void {
-    this.#timers.delete(handle as number);
-  }
-  async advance(ms: number): Promise<void> {
-    const target = this.t + ms;
-    for (;;) {
-      await flush();
-      let next: [number, { at: number; fn: () => void }] | undefined;
-      for (const entry of this.#timers) if (entry[1].at <= target && (!next || entry[1].at < next[1].at)) next = entry;
-      if (!next) break;
-      this.#timers.delete(next[0]);
-      this.t = next[1].at;
-      next[1].fn();
-    }
-    this.t = target;
-    await flush();
-  }
 }
 
 interface LogLine {
