@@ -17,6 +17,7 @@
  * Exits non-zero only on an error (a request failed, a watcher missed its event for 10 s, the
  * run overran its time limit); a missed goal is reported, not failed. See bench/README.md.
  */
+import { clockTicks, findServerPid, pad, progress, round } from './lib.ts';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
@@ -126,7 +127,6 @@ function checkDeadline(what: string): void {
   if (Date.now() > runDeadline) throw new Error(`the benchmark overran its ${PLAN.totalLimitMs / 1000} s limit during ${what}`);
 }
 
-const progress = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
 
 // ---- Statistics ------------------------------------------------------------------------------
 
@@ -154,7 +154,6 @@ function summarize(samples: readonly number[]): Summary {
   };
 }
 
-const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 // ---- HTTP ------------------------------------------------------------------------------------
 
@@ -246,33 +245,7 @@ function resourceVersionOf(json: Buffer, from = 0): string | undefined {
 
 // ---- Server process --------------------------------------------------------------------------
 
-/** The pid of the server child, found by its data directory on the command line; undefined if not found. */
-function findServerPid(server: TestServer): number | undefined {
-  const dataDir = join(server.dir, 'data');
-  try {
-    for (const entry of readdirSync('/proc')) {
-      if (!/^\d+$/.test(entry)) continue;
-      let argv: string[];
-      try {
-        argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      } catch {
-        continue; // gone, or not ours
-      }
-      const i = argv.indexOf('--data-dir');
-      if (i >= 0 && argv[i + 1] === dataDir) return Number(entry);
-    }
-  } catch {
-    // no /proc
-  }
-  return undefined;
-}
 
-let clockTicks = 100;
-try {
-  clockTicks = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-} catch {
-  // keep the usual 100 Hz
-}
 
 interface ProcSample {
   readonly after: string;
@@ -790,7 +763,6 @@ interface Report {
   readonly error?: string;
 }
 
-const pad = (s: string | number, n: number) => String(s).padStart(n);
 const padEnd = (s: string | number, n: number) => String(s).padEnd(n);
 const num = (x: number) => (Number.isNaN(x) ? 'n/a' : x.toFixed(1));
 const mib = (kib: number | null) => (kib === null ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);

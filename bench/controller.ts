@@ -25,6 +25,7 @@
  * limit), 130 when interrupted. The server, the registry and the temporary files are removed
  * however the run ends. See bench/README.md.
  */
+import { clockTicks, findRegistryPid, findServerPid, machineCpuSeconds, pad, progress, round } from './lib.ts';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -132,8 +133,6 @@ const PLAN: Plan = args.quick
     };
 if (PLAN.modules !== PLAN.images * MODULES_PER_IMAGE) throw new Error('plan: modules must be images × 5');
 
-const progress = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
-const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 const runDeadline = Date.now() + PLAN.totalLimitMs;
@@ -161,52 +160,8 @@ async function pool<T>(items: readonly T[], limit: number, fn: (item: T, index: 
 
 // ---- /proc -----------------------------------------------------------------------------------
 
-let clockTicks = 100;
-try {
-  clockTicks = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-} catch {
-  // keep the usual 100 Hz
-}
 
-/** The pid of the server child, found by its data directory on the command line. */
-function findServerPid(server: TestServer): number | undefined {
-  const dataDir = join(server.dir, 'data');
-  try {
-    for (const entry of readdirSync('/proc')) {
-      if (!/^\d+$/.test(entry)) continue;
-      try {
-        const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-        const i = argv.indexOf('--data-dir');
-        if (i >= 0 && argv[i + 1] === dataDir) return Number(entry);
-      } catch {
-        continue; // gone, or not ours
-      }
-    }
-  } catch {
-    // no /proc
-  }
-  return undefined;
-}
 
-/** The docker-registry child of this process. */
-function findRegistryPid(): number | undefined {
-  try {
-    for (const entry of readdirSync('/proc')) {
-      if (!/^\d+$/.test(entry)) continue;
-      try {
-        const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-        const after = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-        if (Number(after[1]) !== process.pid) continue;
-        if (readFileSync(`/proc/${entry}/comm`, 'utf8').trim().startsWith('docker-registry')) return Number(entry);
-      } catch {
-        continue;
-      }
-    }
-  } catch {
-    // no /proc
-  }
-  return undefined;
-}
 
 /** A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), or null. */
 function procStatusKiB(pid: number | undefined, field: string): number | null {
@@ -246,15 +201,6 @@ function procWriteBytes(pid: number | undefined): number | null {
   }
 }
 
-/** CPU seconds (user + nice + system) of the whole machine from /proc/stat, or null. */
-function machineCpuSeconds(): number | null {
-  try {
-    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
-    return ((f[0] ?? 0) + (f[1] ?? 0) + (f[2] ?? 0)) / clockTicks;
-  } catch {
-    return null;
-  }
-}
 
 interface CpuMark {
   readonly wall: number;
@@ -822,7 +768,6 @@ function goals(plan: Plan, m: Measured | undefined): Goal[] {
   return out;
 }
 
-const pad = (s: string | number, n: number) => String(s).padStart(n);
 const mib = (kib: number | null) => (kib === null ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);
 const sec = (x: number | null) => (x === null ? 'n/a' : `${x.toFixed(2)} s`);
 const fmtBytes = (b: number | null) =>

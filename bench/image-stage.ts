@@ -30,6 +30,7 @@
  * when interrupted. The registry, the children and the temporary files are removed however the run
  * ends. See bench/README.md.
  */
+import { clockTicks, findRegistryPid, machineCpuSeconds, pad, progress, round } from './lib.ts';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, readdirSync, readFileSync } from 'node:fs';
@@ -120,9 +121,7 @@ interface Plan {
 
 // ---- Small helpers ---------------------------------------------------------------------------
 
-const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 const mib = (bytes: number) => bytes / MiB;
-const progress = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
 
 function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -141,12 +140,6 @@ function procStatusKiB(pid: number | 'self', field: string): number | null {
   }
 }
 
-let clockTicks = 100;
-try {
-  clockTicks = Number((await execFileP('getconf', ['CLK_TCK'])).stdout.trim()) || 100;
-} catch {
-  // keep the usual 100 Hz
-}
 
 /** CPU seconds (user + system) of a process from /proc/<pid>/stat, or null. */
 function procCpuSeconds(pid: number): number | null {
@@ -170,15 +163,6 @@ function selfAndChildrenCpuSeconds(): number | null {
   }
 }
 
-/** CPU seconds (user + nice + system) of the whole machine from /proc/stat, or null. */
-function machineCpuSeconds(): number | null {
-  try {
-    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
-    return ((f[0] ?? 0) + (f[1] ?? 0) + (f[2] ?? 0)) / clockTicks;
-  } catch {
-    return null;
-  }
-}
 
 /** Runs `fn` over `items` with at most `limit` at once; results in input order. */
 async function pool<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
@@ -614,25 +598,6 @@ async function runWorker<T extends JobResult>(tmp: string, job: Job, timeoutMs: 
   }
 }
 
-/** The docker-registry process started by the helper (a child of this process), by /proc. */
-function findRegistryPid(): number | undefined {
-  try {
-    for (const entry of readdirSync('/proc')) {
-      if (!/^\d+$/.test(entry)) continue;
-      try {
-        const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-        const after = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-        if (Number(after[1]) !== process.pid) continue;
-        if (readFileSync(`/proc/${entry}/comm`, 'utf8').trim().startsWith('docker-registry')) return Number(entry);
-      } catch {
-        continue;
-      }
-    }
-  } catch {
-    // no /proc
-  }
-  return undefined;
-}
 
 interface NaiveResult {
   readonly found: boolean;
@@ -1201,7 +1166,6 @@ function fmtKiB(k: number | null): string {
   return k === null ? 'n/a' : `${(k / 1024).toFixed(0)} MiB`;
 }
 
-const pad = (s: string | number, n: number) => String(s).padStart(n);
 const padEnd = (s: string | number, n: number) => String(s).padEnd(n);
 
 function formatReport(r: Report): string {

@@ -1,0 +1,71 @@
+/**
+ * Helpers shared by the benchmarks: progress lines, rounding, and /proc readings of the
+ * processes a benchmark starts (the server, the registry) and of the whole machine.
+ */
+import { execFileSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { TestServer } from '../test/helpers/server.ts';
+
+export const progress = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
+export const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
+export const pad = (s: string | number, n: number) => String(s).padStart(n);
+
+/** Clock ticks per second of /proc CPU times. */
+export const clockTicks = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100; // the usual 100 Hz
+  }
+})();
+
+/** The pid of the server child, found by its data directory on the command line. */
+export function findServerPid(server: TestServer): number | undefined {
+  const dataDir = join(server.dir, 'data');
+  try {
+    for (const entry of readdirSync('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      try {
+        const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+        const i = argv.indexOf('--data-dir');
+        if (i >= 0 && argv[i + 1] === dataDir) return Number(entry);
+      } catch {
+        continue; // gone, or not ours
+      }
+    }
+  } catch {
+    // no /proc
+  }
+  return undefined;
+}
+
+/** The docker-registry child of this process. */
+export function findRegistryPid(): number | undefined {
+  try {
+    for (const entry of readdirSync('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      try {
+        const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+        const after = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        if (Number(after[1]) !== process.pid) continue;
+        if (readFileSync(`/proc/${entry}/comm`, 'utf8').trim().startsWith('docker-registry')) return Number(entry);
+      } catch {
+        continue;
+      }
+    }
+  } catch {
+    // no /proc
+  }
+  return undefined;
+}
+
+/** CPU seconds (user + nice + system) of the whole machine from /proc/stat, or null. */
+export function machineCpuSeconds(): number | null {
+  try {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+    return ((f[0] ?? 0) + (f[1] ?? 0) + (f[2] ?? 0)) / clockTicks;
+  } catch {
+    return null;
+  }
+}
