@@ -11,13 +11,16 @@ import { FakeClock, flush } from '../helpers/fake-clock.ts';
 import { WorkQueue } from '../../src/controller/work-queue.ts';
 import { createKeyedSemaphore, createWorkerPool, type HandlerOutcome } from '../../src/controller/worker-pool.ts';
 
-/** Flushes until `cond` holds (a few hundred turns at most). */
+/**
+ * Flushes until `cond` holds, for 5 s at most. Bounded by time, not by turns: some tests wait on
+ * real millisecond timers, and a loaded machine runs many turns before one fires.
+ */
 async function until(what: string, cond: () => boolean): Promise<void> {
-  for (let i = 0; i < 500; i++) {
-    if (cond()) return;
+  const deadline = Date.now() + 5000;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`never happened: ${what}`);
     await flush();
   }
-  throw new Error(`never happened: ${what}`);
 }
 
 interface LogLine {
