@@ -13,12 +13,12 @@
  * manifests' own --etcd-prefix. Never skipped: without the control plane's binaries this fails.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { cp, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import t from 'tap';
 import { parseAllDocuments, stringify } from 'yaml';
+import { deployCopyWithServingCert } from '../helpers/deploy-copy.ts';
 import { startControlPlane, type ControlPlane, type KubectlRun } from '../helpers/control-plane.ts';
 import { ROOT, freePort } from '../helpers/server.ts';
 
@@ -32,14 +32,8 @@ type K8s = Record<string, any>;
 const APISERVICE = 'v1beta2.kmm.sigs.x-k8s.io';
 const yamlOf = (objs: readonly K8s[]) => objs.map((o) => stringify(o)).join('---\n');
 
-const work = await mkdtemp(join(tmpdir(), 'kmm-preflight-in-cluster-'));
+const work = await deployCopyWithServingCert('kmm-preflight-in-cluster-');
 t.teardown(() => rm(work, { recursive: true, force: true }));
-const generated = join(ROOT, 'deploy', 'overlays', 'kubernetes', 'serving-cert');
-await cp(join(ROOT, 'deploy'), join(work, 'deploy'), {
-  recursive: true,
-  filter: (src) => !(src.startsWith(join(generated, 'pki')) || src === join(generated, 'apiservice-cabundle.yaml')),
-});
-await run('bash', [join(work, 'deploy', 'scripts', 'make-serving-cert.sh')]);
 const pki = join(work, 'deploy', 'overlays', 'kubernetes', 'serving-cert', 'pki');
 const objs = parseAllDocuments(
   (await run('kubectl', ['kustomize', join(work, 'deploy', 'overlays', 'kubernetes')], { maxBuffer: 64 * 1024 * 1024 })).stdout,

@@ -9,12 +9,12 @@
  * Never skipped: without the control plane's binaries this fails with the reason.
  */
 import { execFile } from 'node:child_process';
-import { cp, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import t from 'tap';
 import { parseAllDocuments, stringify } from 'yaml';
+import { deployCopyWithServingCert } from '../helpers/deploy-copy.ts';
 import { startControlPlane, type ControlPlane } from '../helpers/control-plane.ts';
 import { ROOT } from '../helpers/server.ts';
 
@@ -35,15 +35,8 @@ async function kustomize(dir: string): Promise<K8s[]> {
 
 const yamlOf = (objs: readonly K8s[]) => objs.map((o) => stringify(o)).join('---\n');
 
-const work = await mkdtemp(join(tmpdir(), 'kmm-preflight-dry-run-'));
+const work = await deployCopyWithServingCert('kmm-preflight-dry-run-');
 t.teardown(() => rm(work, { recursive: true, force: true }));
-// deploy/ without any locally generated certificate; the script makes a fresh one in the copy.
-const generated = join(ROOT, 'deploy', 'overlays', 'kubernetes', 'serving-cert');
-await cp(join(ROOT, 'deploy'), join(work, 'deploy'), {
-  recursive: true,
-  filter: (src) => !(src.startsWith(join(generated, 'pki')) || src === join(generated, 'apiservice-cabundle.yaml')),
-});
-await run('bash', [join(work, 'deploy', 'scripts', 'make-serving-cert.sh')]);
 
 let plane: ControlPlane | undefined;
 try {

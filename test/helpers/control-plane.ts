@@ -20,7 +20,7 @@ import { stringify as stringifyYaml } from 'yaml';
 import { generateCa, issueCertificate, issueClientCertificate, renderKubeconfig } from '../../src/certs/dev-pki.ts';
 import { startEtcd, type TestEtcd } from './etcd.ts';
 import { ensureEtcdBinary, ensureKubeApiserver } from './kube-binaries.ts';
-import { freePort } from './server.ts';
+import { freePort, runKubectl } from './server.ts';
 
 export interface KubectlOptions {
   readonly input?: string;
@@ -234,7 +234,7 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     const kubeCache = join(dir, 'kube-cache');
     let users = 0;
     const etcdUrl = etcd.url;
-    const runKubectl = (args2: readonly string[], o: KubectlOptions = {}) => runKubectlProcess(o.kubeconfig ?? kubeconfig, kubeCache, args2, o);
+    const kubectlRun = (args2: readonly string[], o: KubectlOptions = {}) => runKubectl(o.kubeconfig ?? kubeconfig, kubeCache, args2, o);
 
     return {
       url,
@@ -247,7 +247,7 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
       frontProxyClientKeyPem: frontProxyClient.keyPem,
       etcdUrl,
       output: () => out,
-      kubectl: runKubectl,
+      kubectl: kubectlRun,
       request: doRequest,
       async userKubeconfig(user: string, groups: readonly string[] = []): Promise<string> {
         const cert = issueClientCertificate({ caCertPem: ca.certPem, caKeyPem: ca.keyPem, commonName: user, organizations: [...groups] });
@@ -326,25 +326,3 @@ function httpsRequest(
   });
 }
 
-function runKubectlProcess(kubeconfig: string, cacheDir: string, args: readonly string[], options: KubectlOptions): Promise<KubectlRun> {
-  return new Promise((resolveRun, reject) => {
-    const child = spawn('kubectl', ['--kubeconfig', kubeconfig, '--cache-dir', cacheDir, ...args], {
-      env: { ...process.env, ...options.env },
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 60_000);
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      reject(new Error(`kubectl could not run (is it installed and on PATH?): ${err.message}`));
-    });
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolveRun({ code: code ?? -1, stdout, stderr });
-    });
-    child.stdin.end(options.input ?? '');
-  });
-}

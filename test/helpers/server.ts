@@ -166,14 +166,16 @@ export interface KubectlResult {
   readonly stderr: string;
 }
 
-/** Runs the machine's kubectl against the server, with a private discovery cache. */
-export function kubectl(
-  server: TestServer,
-  args: readonly string[],
-  options: { input?: string; env?: Record<string, string>; timeoutMs?: number } = {},
-): Promise<KubectlResult> {
+export interface KubectlOptions {
+  readonly input?: string;
+  readonly env?: Record<string, string>;
+  readonly timeoutMs?: number;
+}
+
+/** Runs the machine's kubectl with a kubeconfig and a private discovery cache. */
+export function runKubectl(kubeconfig: string, cacheDir: string, args: readonly string[], options: KubectlOptions = {}): Promise<KubectlResult> {
   return new Promise((resolveRun, reject) => {
-    const child = spawn('kubectl', ['--kubeconfig', server.kubeconfig, '--cache-dir', join(server.dir, 'kube-cache'), ...args], {
+    const child = spawn('kubectl', ['--kubeconfig', kubeconfig, '--cache-dir', cacheDir, ...args], {
       env: { ...process.env, ...options.env },
       stdio: ['pipe', 'pipe', 'pipe'],
     });
@@ -192,6 +194,11 @@ export function kubectl(
     });
     child.stdin.end(options.input ?? '');
   });
+}
+
+/** Runs the machine's kubectl against the server, with a private discovery cache. */
+export function kubectl(server: TestServer, args: readonly string[], options: KubectlOptions = {}): Promise<KubectlResult> {
+  return runKubectl(server.kubeconfig, join(server.dir, 'kube-cache'), args, options);
 }
 
 /** Starts `kubectl` in the background (for -w and wait), returning the live process and output. */
