@@ -14,8 +14,11 @@ import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-ca
 import { registryFileReader } from '../engine/image-files.ts';
 import type { KmmModule } from '../engine/module.ts';
 import { resolveReleaseKernel } from '../engine/ocp-release.ts';
-import { validateModuleForKernel, type ModuleVerdict } from '../engine/validate.ts';
+import { validateModuleForKernel, type BuildSignDeps, type ModuleVerdict, type ValidationDeps } from '../engine/validate.ts';
 import { InputError, loadManifests } from './manifests.ts';
+import { createLocalBuilder } from '../build/local-builder.ts';
+import { createSignStage } from '../engine/sign-stage.ts';
+import type { SignHashAlgorithm } from '../sign/module-signature.ts';
 
 export const CHECK_USAGE = `Usage: kmm-preflight check (--kernel VERSION | --release-image REF [--rt]) -f PATH [-f PATH ...] [options]
 
@@ -36,6 +39,11 @@ Options:
                           plain HTTP (repeatable; Modules say this in their registryTLS)
   --cache-dir DIR         keep layer scans on disk, so a second check downloads nothing again
   --concurrency N         Modules validated at once (default: 8)
+  --push-built-image      push what the Build and Sign stages produce to the Modules'
+                          containerImage (as a PreflightValidation's pushBuiltImage)
+  --builder KIND          local (default: Debian's buildah on this machine, as root) or none
+  --build-timeout SECONDS a build not finished after this long fails (default: 1800)
+  --sign-hash-algorithm A sha256 (default), sha384 or sha512
   -o, --output FORMAT     table (default) or json
   -h, --help              this help
 
@@ -67,6 +75,10 @@ function parse(argv: readonly string[]) {
         'insecure-registry': { type: 'string', multiple: true },
         'cache-dir': { type: 'string' },
         concurrency: { type: 'string', default: '8' },
+        'push-built-image': { type: 'boolean', default: false },
+        builder: { type: 'string', default: 'local' },
+        'build-timeout': { type: 'string', default: '1800' },
+        'sign-hash-algorithm': { type: 'string', default: 'sha256' },
         output: { type: 'string', short: 'o', default: 'table' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -84,6 +96,11 @@ function parse(argv: readonly string[]) {
   if (v.output !== 'table' && v.output !== 'json') throw new UsageError(`--output must be table or json, not "${v.output}"`);
   const concurrency = Number(v.concurrency);
   if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 256) throw new UsageError('--concurrency must be a whole number from 1 to 256');
+  if (v.builder !== 'local' && v.builder !== 'none') throw new UsageError(`--builder must be local or none, not "${v.builder}"`);
+  const buildTimeout = Number(v['build-timeout']);
+  if (!Number.isFinite(buildTimeout) || buildTimeout <= 0) throw new UsageError('--build-timeout must be a positive number of seconds');
+  const hash = v['sign-hash-algorithm'];
+  if (hash !== 'sha256' && hash !== 'sha384' && hash !== 'sha512') throw new UsageError(`--sign-hash-algorithm must be sha256, sha384 or sha512, not "${hash}"`);
   if (v.kernel !== undefined && !/^[^.,\-\s]+([.,\-][^.,\-\s]+){2,}$/.test(v.kernel)) {
     throw new UsageError(`--kernel "${v.kernel}" is not a kernel version: it must split on ".", "," or "-" into at least 3 fields (e.g. 6.1.0-18-amd64)`);
   }
@@ -107,6 +124,10 @@ function parse(argv: readonly string[]) {
     cacheDir: v['cache-dir'],
     concurrency,
     output: v.output as 'table' | 'json',
+    push: v['push-built-image'] ?? false,
+    builder: v.builder as 'local' | 'none',
+    buildTimeoutMs: buildTimeout * 1000,
+    signHashAlgorithm: hash as SignHashAlgorithm,
   };
 }
 
@@ -201,6 +222,39 @@ export async function runCheck(argv: readonly string[], io: CheckIo): Promise<nu
   const registry = createRegistryClient({ userAgent: 'kmm-preflight-check' });
   const cache = args.cacheDir ? createDiskLayerCache({ dir: args.cacheDir }) : createMemoryLayerCache();
   const imageStage = createImageStage({ registry, cache });
+  const builder = args.builder === 'local' ? createLocalBuilder({ timeoutMs: args.buildTimeoutMs }) : undefined;
+  const signStage = createSignStage({ registry });
+  const updates = new Map<string, () => void>();
+  builder?.onUpdate((key) => updates.get(key)?.());
+  /** Validates a Module, waiting for its build when one runs; cleans up after it. */
+  const validateUntilDecided = async (m: KmmModule, k: string, deps: ValidationDeps): Promise<ModuleVerdict> => {
+    const ns = m.metadata.namespace ?? 'default';
+    const key = `check|${ns}/${m.metadata.name}`;
+    const buildSign: BuildSignDeps = {
+      key,
+      owner: { apiVersion: 'v1', kind: 'check', name: 'kmm-preflight-check', uid: '' },
+      push: args.push,
+      ...(builder ? { builder } : { noBuilderReason: 'builds are turned off (--builder none)' }),
+      signStage,
+      signHashAlgorithm: args.signHashAlgorithm,
+      configMapData: (namespace, name) => manifests.configMaps.get(`${namespace}/${name}`),
+      secretData: (namespace, name) => manifests.secrets.get(`${namespace}/${name}`),
+      pullSecretText: (mod) => (mod.spec.imageRepoSecret ? manifests.pullSecrets.get(`${ns}/${mod.spec.imageRepoSecret.name}`) : undefined),
+    };
+    for (;;) {
+      const changed = new Promise<void>((r) => {
+        updates.set(key, r);
+        setTimeout(r, 5000).unref();
+      });
+      const v = await validateModuleForKernel(m, k, { ...deps, buildSign });
+      if (v.status !== 'Unknown') {
+        updates.delete(key);
+        await v.release?.();
+        return v;
+      }
+      await changed;
+    }
+  };
 
   let kernel = args.kernel;
   if (!kernel) {
@@ -241,22 +295,28 @@ export async function runCheck(argv: readonly string[], io: CheckIo): Promise<nu
   };
 
   const progress = io.stderr.isTTY === true;
-  const counts = { True: 0, False: 0, Error: 0 };
+  const counts = { True: 0, False: 0, Error: 0, Unknown: 0 };
   const total = manifests.modules.length;
   const show = () => {
     const doneCount = counts.True + counts.False + counts.Error;
     io.stderr.write(`\r[${doneCount}/${total}] verified ${counts.True}, failed ${counts.False}, errors ${counts.Error}\x1b[K`);
   };
   if (progress) show();
-  const verdicts = await pool(
-    manifests.modules,
-    args.concurrency,
-    (m) => validateModuleForKernel(m, kernel!, { imageStage, platform: args.platform, credentialsFor, ...(caCertificates ? { caCertificates } : {}) }),
-    (v) => {
-      counts[v.status]++;
-      if (progress) show();
-    },
-  );
+  let verdicts: ModuleVerdict[];
+  try {
+    verdicts = await pool(
+      manifests.modules,
+      args.concurrency,
+      (m) => validateUntilDecided(m, kernel!, { imageStage, platform: args.platform, credentialsFor, ...(caCertificates ? { caCertificates } : {}) }),
+      (v) => {
+        counts[v.status]++;
+        if (progress) show();
+      },
+    );
+  } finally {
+    await builder?.close();
+    await registry.close();
+  }
   if (progress) io.stderr.write('\r\x1b[K');
 
   if (args.output === 'json') {

@@ -24,6 +24,10 @@ export interface ManifestSet {
   readonly modules: readonly KmmModule[];
   /** `namespace/name` → `.dockerconfigjson` text of `kubernetes.io/dockerconfigjson` Secrets. */
   readonly pullSecrets: ReadonlyMap<string, string>;
+  /** `namespace/name` → data of every Secret (signing keys and certificates, build secrets). */
+  readonly secrets: ReadonlyMap<string, Readonly<Record<string, Buffer>>>;
+  /** `namespace/name` → data of every ConfigMap (Dockerfiles of build sections). */
+  readonly configMaps: ReadonlyMap<string, Readonly<Record<string, string>>>;
   /** Documents that are neither (reported, not fatal). */
   readonly ignored: readonly string[];
 }
@@ -155,6 +159,8 @@ export function readManifestObject(doc: unknown, options: { defaultNamespace?: s
 export async function loadManifests(paths: readonly string[]): Promise<ManifestSet> {
   const modules: KmmModule[] = [];
   const pullSecrets = new Map<string, string>();
+  const secrets = new Map<string, Readonly<Record<string, Buffer>>>();
+  const configMaps = new Map<string, Readonly<Record<string, string>>>();
   const ignored: string[] = [];
   const problems: string[] = [];
   const seen = new Set<string>();
@@ -176,11 +182,11 @@ export async function loadManifests(paths: readonly string[]): Promise<ManifestS
           case 'Secret': {
             const text = obj.data['.dockerconfigjson']?.toString('utf8');
             if (obj.type === 'kubernetes.io/dockerconfigjson' && text) pullSecrets.set(obj.key, text);
-            else ignored.push(`${where}: v1 Secret ${obj.key} (not a kubernetes.io/dockerconfigjson Secret)`);
+            secrets.set(obj.key, obj.data);
             return;
           }
           case 'ConfigMap':
-            ignored.push(`${where}: v1 ConfigMap ${obj.key}`);
+            configMaps.set(obj.key, obj.data);
             return;
           case 'invalid':
             // Only Modules matter to `check`; an unusable Secret or ConfigMap is reported as ignored.
@@ -195,5 +201,5 @@ export async function loadManifests(paths: readonly string[]): Promise<ManifestS
     }
   }
   if (problems.length > 0) throw new InputError(problems.join('\n'));
-  return { modules, pullSecrets, ignored };
+  return { modules, pullSecrets, secrets, configMaps, ignored };
 }

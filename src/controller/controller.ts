@@ -11,8 +11,11 @@ import type { ModuleStatus, PreflightValidationStatus } from '../api/schema.ts';
 import { moduleKey, type KmmModule } from '../engine/module.ts';
 import { registryFileReader } from '../engine/image-files.ts';
 import { resolveReleaseKernel } from '../engine/ocp-release.ts';
+import type { Builder } from '../build/types.ts';
+import type { SignStage } from '../engine/sign-stage.ts';
+import type { SignHashAlgorithm } from '../sign/module-signature.ts';
 import type { ImageStage } from '../engine/types.ts';
-import { validateModuleForKernel, type ModuleVerdict } from '../engine/validate.ts';
+import { validateModuleForKernel, type BuildSignDeps, type ModuleVerdict } from '../engine/validate.ts';
 import { parseDockerConfigJson } from '../registry/docker-config.ts';
 import type { DockerConfig, Platform, RegistryClient } from '../registry/types.ts';
 import { ApiError } from '../server/errors.ts';
@@ -21,7 +24,7 @@ import type { ClusterInputs } from './inputs.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { nextEntry, summarize, type EntryUpdate } from './status.ts';
 import { WorkQueue } from './work-queue.ts';
-import { createWorkerPool, type WorkerPool } from './worker-pool.ts';
+import { createWorkerPool, type HandlerOutcome, type WorkerPool } from './worker-pool.ts';
 
 /** Kubernetes Events on the validation objects, one per Module transition. */
 export interface EventRecorder {
@@ -47,6 +50,16 @@ export interface ControllerOptions {
   readonly insecureRegistries?: readonly string[];
   /** Metrics, created once per process (a new term of leadership creates a new controller). */
   readonly metrics?: ControllerMetrics;
+  /** The Sign stage; without it a Module that needs signing is False, saying so. */
+  readonly signStage?: SignStage;
+  /** The Build stage's builder (Jobs in a cluster, buildah here); without it builds are unavailable. */
+  readonly builder?: Builder;
+  /** Why there is no builder, for the Modules' reasons. */
+  readonly noBuilderReason?: string;
+  /** Hash algorithm of module signatures (default sha256). */
+  readonly signHashAlgorithm?: SignHashAlgorithm;
+  /** How often a running build is looked at again (default 10 s). */
+  readonly buildPollMs?: number;
 }
 
 interface ObjectState {
@@ -61,6 +74,8 @@ interface ObjectState {
   /** Fingerprint of the Module inputs a False verdict was made with. */
   readonly fingerprints: Map<string, string>;
   dirty: boolean;
+  /** Clean-ups of finished builds, run once their verdicts are written. */
+  readonly releases: Map<string, () => Promise<void>>;
   kernelRetry?: NodeJS.Timeout;
   kernelAttempts: number;
 }
@@ -70,6 +85,7 @@ const SEP = '|';
 
 function entryOf(v: ModuleVerdict): EntryUpdate {
   if (v.status === 'True') return { verificationStatus: 'True', verificationStage: 'Done', statusReason: v.reason };
+  if (v.status === 'Unknown') return { verificationStatus: 'Unknown', verificationStage: v.stage === 'Sign' ? 'Sign' : 'Build', statusReason: v.reason };
   return { verificationStatus: v.status, verificationStage: 'Requeued', statusReason: v.reason };
 }
 
@@ -175,7 +191,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     const previous = states.get(stateKey(kind, name));
     if (previous) drop(previous);
     const generation = obj.metadata.generation ?? 1;
-    const s: ObjectState = { kind, name, generation, object: obj, entries: new Map(), fingerprints: new Map(), dirty: true, kernelAttempts: 0 };
+    const s: ObjectState = { kind, name, generation, object: obj, entries: new Map(), fingerprints: new Map(), releases: new Map(), dirty: true, kernelAttempts: 0 };
     // A restart continues from the stored statuses of the same generation.
     const status = obj.status;
     if (status?.observedGeneration === generation) {
@@ -197,7 +213,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     states.delete(stateKey(s.kind, s.name));
   };
 
-  const handler = async (key: string, signal: AbortSignal): Promise<'done' | 'retry'> => {
+  const handler = async (key: string, signal: AbortSignal): Promise<HandlerOutcome> => {
     const [sk, mk] = key.split(SEP) as [string, string];
     const s = states.get(sk);
     const module = modulesByKey().get(mk);
@@ -206,7 +222,7 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     const fp = fingerprint(module, o.inputs);
     const started = performance.now();
     const platform = o.platformFor?.(module) ?? o.platform;
-    const verdict = await validateModuleForKernel(module, s.kernel, { imageStage: o.imageStage, platform, credentialsFor }, signal);
+    const verdict = await validateModuleForKernel(module, s.kernel, { imageStage: o.imageStage, platform, credentialsFor, ...buildSignFor(s, key) }, signal);
     metrics?.stageDuration.observe({ stage: verdict.stage }, (performance.now() - started) / 1000);
     metrics?.outcomes.inc({ status: verdict.status, code: verdict.code });
     if (signal.aborted || states.get(sk) !== s || s.generation !== generation) return 'done';
@@ -215,7 +231,9 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
     const after = entryOf(verdict);
     s.entries.set(mk, after);
     s.fingerprints.set(mk, fp);
+    if (verdict.release) s.releases.set(mk, verdict.release);
     s.dirty = true;
+    if (verdict.status === 'Unknown') return { after: o.buildPollMs ?? 10_000 };
     if (!before || before.verificationStatus !== after.verificationStatus) {
       o.events?.record(
         s.object,
@@ -225,6 +243,34 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
       );
     }
     return verdict.status === 'Error' ? 'retry' : 'done';
+  };
+
+  const buildSignFor = (s: ObjectState, key: string): { buildSign?: BuildSignDeps } => {
+    if (!o.signStage) return {};
+    const spec = (s.object.spec ?? {}) as Record<string, unknown>;
+    return {
+      buildSign: {
+        key,
+        owner: { apiVersion: 'kmm.sigs.x-k8s.io/v1beta2', kind: s.kind === 'pfv' ? 'PreflightValidation' : 'PreflightValidationOCP', name: s.name, uid: s.object.metadata.uid ?? '' },
+        push: spec['pushBuiltImage'] === true,
+        ...(o.builder ? { builder: o.builder } : {}),
+        ...(o.noBuilderReason ? { noBuilderReason: o.noBuilderReason } : {}),
+        signStage: o.signStage,
+        ...(o.signHashAlgorithm ? { signHashAlgorithm: o.signHashAlgorithm } : {}),
+        configMapData: (ns, name) => o.inputs.configMapData(ns, name),
+        secretData: (ns, name) => o.inputs.secretData(ns, name),
+        pullSecretText: (m) => (m.spec.imageRepoSecret?.name ? o.inputs.pullSecret(m.metadata.namespace ?? '', m.spec.imageRepoSecret.name) : undefined),
+      },
+    };
+  };
+  o.builder?.onUpdate((key) => queue.add(key));
+
+  /** Runs the clean-ups of builds whose verdicts are now written. */
+  const runReleases = (s: ObjectState) => {
+    for (const [k, release] of s.releases) {
+      s.releases.delete(k);
+      release().catch((err: unknown) => log.warn({ object: s.name, module: k, error: (err as Error).message }, 'could not clean up after a build'));
+    }
   };
 
   const pool: WorkerPool = createWorkerPool({ queue, concurrency: o.concurrency ?? 16, handler, logger: log });
@@ -247,10 +293,12 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
           return nextEntry(prevEntries.get(k), { namespace, name }, s.entries.get(k)!, t);
         });
         const status = summarize(prev, { modules, generation: s.generation, ...(s.kernel ? { kernelVersion: s.kernel } : {}), ...(s.kernelProblem ? { kernelProblem: s.kernelProblem } : {}) }, t);
-        if (JSON.stringify(status) === JSON.stringify(prev)) continue;
-        await registry.update(s.name, { ...current.obj, status }, ctx, 'status');
-        statusWrites++;
-        metrics?.statusWrites.inc();
+        if (JSON.stringify(status) !== JSON.stringify(prev)) {
+          await registry.update(s.name, { ...current.obj, status }, ctx, 'status');
+          statusWrites++;
+          metrics?.statusWrites.inc();
+        }
+        runReleases(s);
       } catch (err) {
         if (err instanceof ApiError && err.reason === 'NotFound') continue;
         s.dirty = true;

@@ -17,6 +17,7 @@ import type { AuthWiring } from './server.ts';
 export { createClusterInputs } from '../controller/cluster-inputs.ts';
 export { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
 export { kubeEventRecorder } from '../kube/events.ts';
+export { createJobBuilder } from '../build/job-builder.ts';
 
 export function kubeConfigOf(config: Config): KubeConfig {
   const kc = new KubeConfig();

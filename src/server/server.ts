@@ -22,6 +22,9 @@ import { createPreflightController, type PreflightController } from '../controll
 import { createDirectoryInputs } from '../controller/directory-inputs.ts';
 import { createControllerMetrics } from '../controller/metrics.ts';
 import { perRegistryLimit } from '../controller/registry-limit.ts';
+import { createLocalBuilder } from '../build/local-builder.ts';
+import type { Builder } from '../build/types.ts';
+import { createSignStage } from '../engine/sign-stage.ts';
 import { createImageStage } from '../engine/image-stage.ts';
 import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
 import { logEventRecorder } from '../kube/log-events.ts';
@@ -220,8 +223,26 @@ async function startControllerIfWanted(
   }
   const defaultArch = config.architecture ?? nodeArchs[0] ?? 'amd64';
   const platformFor = (m: KmmModule): Platform => ({ os: 'linux', architecture: m.spec.selector?.['kubernetes.io/arch'] ?? defaultArch });
+  const signStage = createSignStage({ registry: client, logger: log });
+  const builderKind = config.builder ?? (kube ? 'job' : 'local');
+  let builder: Builder | undefined;
+  if (builderKind === 'job') {
+    if (!kube || !kc) throw new Error('--builder job runs builds as Kubernetes Jobs and needs the cluster: use --builder local or none with --modules-dir');
+    builder = kube.createJobBuilder({
+      kubeConfig: kc,
+      logger: log,
+      timeoutMs: config.buildTimeoutSeconds * 1000,
+      ...(config.builderImage ? { builderImage: config.builderImage } : {}),
+    });
+  } else if (builderKind === 'local') {
+    builder = createLocalBuilder({ logger: log, timeoutMs: config.buildTimeoutSeconds * 1000 });
+  }
   const make = () =>
     createPreflightController({
+      signStage,
+      ...(builder ? { builder } : { noBuilderReason: 'builds are turned off on this server (--builder none)' }),
+      buildPollMs: config.buildPollSeconds * 1000,
+      signHashAlgorithm: config.signHashAlgorithm,
       platformFor,
       pfv: pfv!,
       pfvo: pfvo!,
@@ -274,6 +295,7 @@ async function startControllerIfWanted(
       await elector;
       await current?.stop();
       await inputs.stop();
+      await builder?.close();
       client.close();
     },
   };
