@@ -355,6 +355,8 @@ t.test('RBAC: least privilege, no wildcard', async (t) => {
       'core/events': ['create', 'patch'],
       'events.k8s.io/events': ['create', 'patch'],
       'batch/jobs': ['create', 'delete', 'get', 'list', 'watch'],
+      'core/pods': ['list'],
+      'core/pods/log': ['get'],
     },
     'exactly the grants docs/deploy.md explains (flowcontrol not needed: no API Priority and Fairness here)',
   );
