@@ -144,6 +144,9 @@ export function createPreflightController(o: ControllerOptions): PreflightContro
         s.entries.delete(k);
         s.fingerprints.delete(k);
         pool.cancel(`${stateKey(s.kind, s.name)}${SEP}${k}`);
+        const release = s.releases.get(k);
+        s.releases.delete(k);
+        void release?.().catch((err: unknown) => log.warn({ object: s.name, module: k, error: (err as Error).message }, 'could not clean up after a build'));
         s.dirty = true;
       }
     }

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import t from 'tap';
 import type { KubeObject } from '../../src/api/resources.ts';
+import type { Builder, BuildRequest } from '../../src/build/types.ts';
 import { Registry } from 'prom-client';
 import { createPreflightController, type EventRecorder } from '../../src/controller/controller.ts';
 import { createControllerMetrics } from '../../src/controller/metrics.ts';
@@ -212,4 +213,79 @@ t.test("a Module is validated for its own architecture: the platform comes from 
   const by = new Map(o.status!.modules!.map((m) => [m.namespace, m]));
   t.match(by.get('ns-a'), { verificationStatus: 'True' });
   t.match(by.get('ns-b'), { verificationStatus: 'False', statusReason: /arm64/ });
+});
+
+t.test('a running build shows Unknown/Build; its end, announced by the builder, is recorded, then the build is released', async (t) => {
+  const modulesDir = join(dir, 'build-modules');
+  await import('node:fs/promises').then((fs) => fs.mkdir(modulesDir));
+  await writeFile(
+    join(modulesDir, 'built.yaml'),
+    `${moduleYaml('built', 'ns-b', `${registry.host}/drivers/built:\${KERNEL_FULL_VERSION}`)}      build: {dockerfileConfigMap: {name: df}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: df, namespace: ns-b}\ndata: {dockerfile: "FROM scratch"}\n`,
+  );
+  const store = await openSqliteStore({ path: join(dir, 'build.sqlite'), compactIntervalMs: 0 });
+  t.teardown(() => store.close());
+  const [pfv, pfvo] = createRegistries(store, logger);
+  const inputs = createDirectoryInputs([modulesDir], logger);
+  t.teardown(() => inputs.stop());
+  const client = createRegistryClient();
+  t.teardown(() => client.close());
+
+  let finished = false;
+  const listeners: ((key: string) => void)[] = [];
+  const runs: BuildRequest[] = [];
+  const releases: { key: string; statusAtRelease: string | undefined }[] = [];
+  const entryOf = async () => ((await pfv!.get('b1')).obj as KubeObject).status?.modules?.find((m) => m.name === 'built');
+  const builder: Builder = {
+    kind: 'test',
+    async run(req) {
+      runs.push(req);
+      return finished
+        ? { state: 'Succeeded', image: req.destination, pushed: false, reason: `built ${req.destination} (not pushed: pushBuiltImage is false)` }
+        : { state: 'Running', reason: 'build Job ns-b/built-build-x running for 1 s' };
+    },
+    async release(key) {
+      releases.push({ key, statusAtRelease: (await entryOf())?.verificationStatus });
+    },
+    onUpdate: (l) => void listeners.push(l),
+    async close() {},
+  };
+  const controller = createPreflightController({
+    pfv: pfv!,
+    pfvo: pfvo!,
+    inputs,
+    imageStage: createImageStage({ registry: client, cache: createMemoryLayerCache() }),
+    registryClient: client,
+    platform: { os: 'linux', architecture: 'amd64' },
+    logger,
+    flushIntervalMs: 100,
+    builder,
+    signStage: { run: async () => ({ status: 'False', code: 'Unused', reason: 'no sign section here' }) },
+    // Longer than the test: only the builder's announcement can bring the end in time.
+    buildPollMs: 600_000,
+  });
+  await pfv!.create({ apiVersion: 'kmm.sigs.x-k8s.io/v1beta2', kind: 'PreflightValidation', metadata: { name: 'b1' }, spec: { kernelVersion: K } }, ctx);
+  await controller.start();
+  t.teardown(() => controller.stop());
+
+  const running = await waitFor('Unknown/Build', async () => {
+    const e = await entryOf();
+    return e?.verificationStage === 'Build' ? e : undefined;
+  });
+  t.equal(running.verificationStatus, 'Unknown');
+  t.match(running.statusReason, /running for 1 s/);
+  t.equal(runs[0]!.key, 'pfv/b1|ns-b/built', 'one build per (object, Module)');
+  t.match(runs[0]!.owner, { kind: 'PreflightValidation', name: 'b1' });
+  t.ok(runs[0]!.owner.uid, 'owned by the object (its uid)');
+  t.equal(releases.length, 0, 'nothing released while the build runs');
+
+  finished = true;
+  for (const l of listeners) l(runs[0]!.key);
+  const done = await waitFor('True/Done', async () => {
+    const e = await entryOf();
+    return e?.verificationStatus === 'True' ? e : undefined;
+  });
+  t.equal(done.verificationStage, 'Done');
+  t.match(done.statusReason, /not pushed/);
+  await waitFor('the release', async () => (releases.length > 0 ? true : undefined));
+  t.same(releases, [{ key: 'pfv/b1|ns-b/built', statusAtRelease: 'True' }], 'released after the verdict was written');
 });
