@@ -85,6 +85,15 @@ export interface RegistryPusher {
   pushBlob(ref: ImageReference, data: Buffer | Readable, digest: string, access: RegistryAccess, options?: RequestOptions): Promise<void>;
   /** Puts a manifest under `ref`'s tag (or digest); returns the manifest digest (sha256). */
   pushManifest(ref: ImageReference, manifest: Buffer, mediaType: string, access: RegistryAccess, options?: RequestOptions): Promise<string>;
+  /**
+   * Mounts blob `digest` of repository `from` into repository `target` of the same registry,
+   * without moving its bytes (`POST /v2/<target>/blobs/uploads/?mount=<digest>&from=<from>`).
+   * True when the registry mounted it (201); false when it started an upload instead (202: it
+   * does not have the blob in `from`, or does not mount across repositories), which is then
+   * cancelled, and the caller copies the blob. `access` must grant pull on `from` and push on
+   * `target`.
+   */
+  mountBlob(target: ImageReference, from: ImageReference, digest: string, access: RegistryAccess, options?: RequestOptions): Promise<boolean>;
 }
 
 export interface RegistryHttpClient extends RegistryClient, RegistryPusher {
@@ -106,7 +115,7 @@ interface Target {
 }
 
 interface Call {
-  readonly method: 'GET' | 'HEAD' | 'POST' | 'PUT' | 'PATCH';
+  readonly method: 'GET' | 'HEAD' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
   readonly url: string;
   readonly headers?: Record<string, string>;
   readonly body?: Buffer | string | Readable;
@@ -402,9 +411,10 @@ export function createRegistryClient(options: RegistryClientOptions = {}): Regis
       throw new RegistryError('Invalid', t.registry, `registry ${t.registry} named a token realm with the unsupported scheme ${realm.protocol}`);
     }
     const service = challenge.params['service'];
-    const scopes = [call.scope];
-    const challengeScope = challenge.params['scope'];
-    if (challengeScope !== undefined && challengeScope !== '' && !scopes.includes(challengeScope)) scopes.push(challengeScope);
+    // A call may need several scopes (a mount: pull on the source, push on the target), and a
+    // challenge lists several separated by spaces; each goes as its own `scope` parameter.
+    const scopes = call.scope.split(' ').filter((s) => s !== '');
+    for (const s of (challenge.params['scope'] ?? '').split(' ')) if (s !== '' && !scopes.includes(s)) scopes.push(s);
     const what = `a token from ${realm.host} for ${call.what}`;
     const tokenCall = (method: 'GET' | 'POST', headers: Record<string, string>, body?: string, url?: URL): Call => ({
       method,
@@ -838,11 +848,65 @@ export function createRegistryClient(options: RegistryClientOptions = {}): Regis
     return digest;
   }
 
+  async function mountBlob(
+    targetIn: ImageReference,
+    fromIn: ImageReference,
+    digest: string,
+    access: RegistryAccess,
+    options: RequestOptions = {},
+  ): Promise<boolean> {
+    const t = target(targetIn, access);
+    if (!DIGEST_RE.test(digest)) throw new RegistryError('Invalid', t.registry, `blob digest "${digest}" is not a sha256 or sha512 digest`);
+    if (fromIn.domain !== t.registry) {
+      throw new RegistryError('Invalid', t.registry, `cannot mount blob ${digest} into registry ${t.registry} from another registry (${fromIn.domain})`);
+    }
+    const from = fromIn.path;
+    // Pull on the source first: scopeVerb() names the last one (push) in an Unauthorized message.
+    const scope = `repository:${from}:pull repository:${t.path}:pull,push`;
+    const what = `mounting blob ${digest} from repository "${from}" into repository "${t.path}"`;
+    const query = new URLSearchParams({ mount: digest, from });
+    const ex = await send(
+      { method: 'POST', url: `${t.base}/v2/${t.path}/blobs/uploads/?${query.toString()}`, body: '', scope, what, wholeTimeout: true, followRedirects: false },
+      t,
+      options.signal,
+    );
+    const body = await readErrorBody(ex.res, ex.caller);
+    const status = ex.res.statusCode;
+    if (status === 201) return true;
+    if (status === 404) throw notFound(t, body, 'blob', digest);
+    const location = headerValue(ex.res.headers['location']);
+    if (status !== 202 || location === undefined) {
+      throw new RegistryError('Invalid', t.registry, `registry ${t.registry} answered HTTP ${status} to ${what}${errorCodeSuffix(body)}`);
+    }
+    // An upload was started instead: cancel it, so it does not linger until the registry purges
+    // it. A failure to cancel changes nothing for the caller, who uploads the blob anyway.
+    try {
+      const cancel = await send(
+        {
+          method: 'DELETE',
+          url: new URL(location, `${t.base}/v2/`).toString(),
+          scope,
+          what: `cancelling an upload to repository "${t.path}"`,
+          wholeTimeout: true,
+          followRedirects: false,
+        },
+        t,
+        options.signal,
+      );
+      await readErrorBody(cancel.res, cancel.caller);
+    } catch (err) {
+      if (options.signal?.aborted) throw options.signal.reason;
+      if (!(err instanceof RegistryError)) throw err;
+    }
+    return false;
+  }
+
   return {
     resolveImage,
     openBlob,
     pushBlob,
     pushManifest,
+    mountBlob,
     get bytesReceived() {
       return bytesReceived;
     },
