@@ -112,10 +112,13 @@ export async function validateModuleForKernel(module: KmmModule, kernel: string,
       ...(signal ? { signal } : {}),
     });
   const outcome = await imageStage(m.containerImage);
-  if (outcome.status !== 'False' || (!m.build && !m.sign)) {
-    return { ...id, status: outcome.status, stage: 'Image', code: outcome.code, reason: outcome.reason, image: m.containerImage };
-  }
   const bs = deps.buildSign;
+  if (outcome.status !== 'False' || (!m.build && !m.sign)) {
+    // A build may have pushed the image before its end was seen: it is not needed any more.
+    const builder = bs?.builder;
+    const release = outcome.status === 'True' && m.build && builder ? { release: () => builder.release(bs.key) } : {};
+    return { ...id, status: outcome.status, stage: 'Image', code: outcome.code, reason: outcome.reason, image: m.containerImage, ...release };
+  }
   if (!bs) {
     const next = m.build ? 'Build' : 'Sign';
     return {

@@ -111,6 +111,9 @@ t.test('an image that passes ends the validation: no build, no sign', async (t) 
   t.match(v, { status: 'True', stage: 'Image' });
   t.equal(bld.requests.length, 0);
   t.equal(sgn.inputs.length, 0);
+  // A build that pushed the image before its end was seen is cleaned up all the same.
+  await v.release!();
+  t.same(bld.released, ['pfv/upgrade|drivers/m']);
 });
 
 t.test('a running build is Unknown in stage Build; its request carries the Module and the kernel', async (t) => {
