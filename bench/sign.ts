@@ -231,7 +231,7 @@ function label(way: Way, plan: Plan): string {
   }
 }
 
-function goals(plan: Plan, rounds: readonly Record<Way, Run>[]): Report['goals'] {
+function goals(rounds: readonly Record<Way, Run>[]): Report['goals'] {
   if (rounds.length === 0) return [];
   const serial = median(rounds.map((r) => r.signFileSerial.seconds));
   const ours = median(rounds.map((r) => r.projectFiles.seconds));
@@ -355,7 +355,7 @@ async function main(plan: Plan, json: boolean): Promise<number> {
     plan: planShown,
     identical,
     rounds,
-    goals: goals(plan, rounds),
+    goals: goals(rounds),
     ...(error ? { error } : {}),
   };
   process.stdout.write(json ? `${JSON.stringify(report, null, 2)}\n` : formatReport(report, plan));

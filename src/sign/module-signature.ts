@@ -39,7 +39,6 @@ import {
   NULL,
   oid,
   oidToString,
-  readTlv,
   readWhole,
   sequence,
   set,
@@ -153,7 +152,6 @@ const EC_CURVES = new Set(['prime256v1', 'secp384r1']);
 
 interface ParsedCertificate {
   readonly x509: X509Certificate;
-  readonly der: Buffer;
   /** The issuer Name's DER, as in the certificate. */
   readonly issuer: Buffer;
   /** The serial number INTEGER's DER, as in the certificate. */
@@ -227,7 +225,6 @@ function parseCertificate(certificate: Buffer | string): ParsedCertificate {
     }
     return {
       x509,
-      der,
       issuer: bytes(der, issuer),
       serial: bytes(der, serial),
       ...(subjectKeyIdentifier ? { subjectKeyIdentifier } : {}),
@@ -255,10 +252,10 @@ function loadPrivateKey(key: Buffer | string): KeyObject {
       first ??= err;
     }
   }
-  throw new SigningKeyError('InvalidKey', `the signing key is not a valid PEM (PKCS#1, PKCS#8 or SEC1) private key: ${(first as Error).message}`, { cause: first });
+  throw new SigningKeyError('InvalidKey', `the signing key is not a valid private key (PEM or DER; PKCS#1, PKCS#8 or SEC1): ${(first as Error).message}`, { cause: first });
 }
 
-/** "RSA 2048-bit" or "EC prime256v1", with a short fingerprint of the public key, for messages. */
+/** "2048-bit RSA key (…)" or "EC prime256v1 key (…)" with a short fingerprint of the public key, for messages. */
 function describeKey(key: KeyObject): string {
   const publicKey = key.type === 'private' ? createPublicKey(key) : key;
   const d = publicKey.asymmetricKeyDetails ?? {};
@@ -276,7 +273,7 @@ function checkSupported(key: KeyObject, what: string): void {
   if (type === 'ec' && EC_CURVES.has(key.asymmetricKeyDetails?.namedCurve ?? '')) return;
   throw new SigningKeyError(
     'UnsupportedKey',
-    `${what} is a ${describeKey(key)}: kernel module signatures take RSA (PKCS#1 v1.5) or ECDSA with NIST P-256 or P-384 keys`,
+    `${what} is an unsupported ${describeKey(key)}: kernel module signatures take RSA (PKCS#1 v1.5) or ECDSA with NIST P-256 or P-384 keys`,
   );
 }
 
@@ -447,8 +444,8 @@ export function createModuleSigner(key: Buffer | string, certificate: Buffer | s
   if (!cert.x509.checkPrivateKey(privateKey)) {
     throw new SigningKeyError(
       'KeyMismatch',
-      `the signing key does not match the certificate: the key is an ${describeKey(privateKey)}; ` +
-        `the certificate "${cert.x509.subject.replaceAll('\n', ', ')}" (serial ${cert.keyId}) holds an ${describeKey(cert.x509.publicKey)}`,
+      `the signing key does not match the certificate: the signing key is a ${describeKey(privateKey)}; ` +
+        `the certificate "${cert.x509.subject.replaceAll('\n', ', ')}" (serial ${cert.keyId}) holds a ${describeKey(cert.x509.publicKey)}`,
     );
   }
   return new CmsModuleSigner(privateKey, cert, hashAlgorithm);
@@ -482,9 +479,9 @@ export function splitModuleSignature(module: Buffer): { content: Buffer; signatu
 function stripSignatures(module: Buffer): Buffer {
   let current = module;
   for (;;) {
-    const { content, signature } = splitModuleSignature(current);
-    if (!signature) return current;
-    current = content;
+    const split = splitModuleSignature(current);
+    if (!split.signature) return current;
+    current = split.content;
   }
 }
 

@@ -150,7 +150,8 @@ t.test('a key that does not match the certificate: KeyMismatch naming both', asy
   t.ok(err instanceof SigningKeyError);
   t.equal(err?.code, 'KeyMismatch');
   t.match(err?.message, /does not match the certificate/);
-  t.match(err?.message, /the key is an 2048-bit RSA key \(public key SHA-256 [0-9A-F:]+…\)/, 'names the key');
+  t.match(err?.message, /the signing key is a 2048-bit RSA key \(public key SHA-256 [0-9A-F:]+…\)/, 'names the key');
+  t.match(err?.message, /holds a 2048-bit RSA key \(public key SHA-256 [0-9A-F:]+…\)/, "names the certificate's key");
   t.match(err?.message, /CN=another signer/, "names the certificate's subject");
   t.notMatch(err?.message, /PRIVATE KEY/, 'no key material');
   t.throws(() => createModuleSigner(ecP256.key, rsa2048.certDer), { code: 'KeyMismatch' }, 'an EC key for an RSA certificate');
