@@ -17,6 +17,7 @@ import { parseImageReference } from '../../src/image/reference.ts';
 import { createRegistryClient } from '../../src/registry/client.ts';
 import { verifyModuleFile } from '../../src/sign/module-signature.ts';
 import { readImageFiles } from '../../src/engine/image-layers.ts';
+import { registerAggregatedServer } from '../helpers/aggregation.ts';
 import { startControlPlane, type ControlPlane } from '../helpers/control-plane.ts';
 import { pushImage } from '../helpers/images.ts';
 import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
@@ -123,24 +124,7 @@ t.before(async () => {
     '--build-poll-interval', '0.3',
     '--log-level', 'info',
   ]);
-  const caBundle = (await readFile(join(server.certDir, 'ca.crt'))).toString('base64');
-  await ok(['apply', '-f', '-'], `apiVersion: v1
-kind: Service
-metadata: {name: kmm-preflight, namespace: kmm-preflight}
-spec: {type: ExternalName, externalName: localhost}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: v1beta2.kmm.sigs.x-k8s.io}
-spec:
-  group: kmm.sigs.x-k8s.io
-  version: v1beta2
-  groupPriorityMinimum: 1000
-  versionPriority: 100
-  service: {name: kmm-preflight, namespace: kmm-preflight, port: ${server.port}}
-  caBundle: ${caBundle}
-`);
-  await until('the APIService', async () => ((await cp.kubectl(['get', '--raw', '/apis/kmm.sigs.x-k8s.io/v1beta2'])).code === 0 ? true : undefined));
+  await registerAggregatedServer(cp, server);
 });
 
 t.teardown(async () => {

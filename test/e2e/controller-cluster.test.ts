@@ -3,10 +3,10 @@
  * five namespaces, a real registry with images built by the test, and the server registered as
  * the aggregated API, validating for PreflightValidations created with kubectl.
  */
-import { readFile } from 'node:fs/promises';
 import { createServer as createTcpServer, connect, type Server } from 'node:net';
 import { join } from 'node:path';
 import t from 'tap';
+import { registerAggregatedServer } from '../helpers/aggregation.ts';
 import { startControlPlane, type ControlPlane } from '../helpers/control-plane.ts';
 import { pushImage } from '../helpers/images.ts';
 import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
@@ -98,24 +98,7 @@ t.before(async () => {
     '--insecure-registries', registry.host,
     '--log-level', 'info',
   ]);
-  const caBundle = (await readFile(join(server.certDir, 'ca.crt'))).toString('base64');
-  await ok(['apply', '-f', '-'], `apiVersion: v1
-kind: Service
-metadata: {name: kmm-preflight, namespace: kmm-preflight}
-spec: {type: ExternalName, externalName: localhost}
----
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: v1beta2.kmm.sigs.x-k8s.io}
-spec:
-  group: kmm.sigs.x-k8s.io
-  version: v1beta2
-  groupPriorityMinimum: 1000
-  versionPriority: 100
-  service: {name: kmm-preflight, namespace: kmm-preflight, port: ${server.port}}
-  caBundle: ${caBundle}
-`);
-  await until('the APIService', async () => ((await cp.kubectl(['get', '--raw', '/apis/kmm.sigs.x-k8s.io/v1beta2'])).code === 0 ? true : undefined));
+  await registerAggregatedServer(cp, server);
 });
 
 t.teardown(async () => {
