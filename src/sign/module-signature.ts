@@ -47,7 +47,7 @@ import {
   tlv,
   type Tlv,
 } from './der.ts';
-import { xzCompress } from './xz-container.ts';
+import { xzStore } from './xz-container.ts';
 
 const zstdCompress = promisify(zlib.zstdCompress);
 const gzip = promisify(zlib.gzip);
@@ -626,8 +626,8 @@ function compressionOf(fileName: string): 'none' | 'xz' | 'zst' | 'gz' {
 /**
  * Signs a module file by name: `.ko` as is; `.ko.xz`, `.ko.zst`, `.ko.gz` decompressed (bounded by
  * `maxBytes`), signed, and compressed again in the same format: xz with a CRC32 check and a 1 MiB
- * dictionary as the kernel's Makefile.modinst writes it (LZMA2 preset 6, see xz-container.ts),
- * zstd (level 3, with a checksum, as the zstd tool), gzip (level 6).
+ * dictionary as the kernel's Makefile.modinst writes it (stored LZMA2 chunks, see
+ * xz-container.ts), zstd (level 3, with a checksum, as the zstd tool), gzip (level 6).
  * @throws ModinfoError for a name that is not a module's, or content that does not decompress;
  *   ModuleSignatureError for an existing signature that cannot be stripped.
  */
@@ -648,7 +648,7 @@ export async function signModuleFile(
     case 'none':
       return signed;
     case 'xz':
-      return xzCompress(signed, signal);
+      return xzStore(signed, signal);
     case 'zst':
       out = await zstdCompress(signed, { params: { [zlib.constants.ZSTD_c_compressionLevel]: 3, [zlib.constants.ZSTD_c_checksumFlag]: 1 } });
       break;

@@ -4,24 +4,22 @@
  * dictionary, an index and a footer. The kernel's in-kernel decompressor (`CONFIG_MODULE_DECOMPRESS`)
  * supports only the CRC32 check, and kmod and xz-utils read the same file.
  *
- * The container is written here because `@napi-rs/lzma`'s own xz encoder (1.5.3) takes only a
- * preset and always writes a CRC64 check with the preset's dictionary (8 MiB at preset 6). Its raw
- * LZMA2 encoder takes a dictionary size, so it compresses the data (preset 6, as `xz` does by
- * default, with a 1 MiB dictionary) and this file frames it. See docs/adr/0010.
+ * The LZMA2 data is written as *uncompressed* chunks: `@napi-rs/lzma` at the version this project
+ * pins (1.4.5, backed by lzma-rs) has no LZMA2 encoder that takes a dictionary size, and its own
+ * `xz.compress` stores too (check None, an 8 MiB dictionary). The file is therefore as large as
+ * the module (plus 0.005 %) but valid everywhere `.ko.xz` is read. See docs/adr/0010.
  */
 import { crc32 } from 'node:zlib';
-import { lzma2 } from '@napi-rs/lzma';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
 
 const MAGIC = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
 const CHECK_CRC32 = 0x01;
 const LZMA2_FILTER_ID = 0x21;
-/** The dictionary the encoder uses; the block header must declare the same. */
-const DICT_SIZE = 1024 * 1024;
 /** LZMA2 dictionary-size property: size = (2 | (p & 1)) << (p / 2 + 11); 16 → 1 MiB. */
 const DICT_1MIB = 16;
-/** xz's default preset, which `--lzma2=dict=1MiB` starts from. */
-const PRESET = 6;
-/** Input handed to the encoder (and CRC'd on the main thread) per pull. */
+/** The largest uncompressed LZMA2 chunk. */
+const CHUNK = 64 * 1024;
+/** CRC work done between two turns of the event loop. */
 const SLICE = 1024 * 1024;
 
 function u32le(n: number): Buffer {
@@ -43,51 +41,11 @@ function varint(n: number): number[] {
 const padTo4 = (n: number): Buffer => Buffer.alloc((4 - (n % 4)) % 4);
 
 /**
- * Raw LZMA2 data for `data` (1 MiB dictionary, preset 6, end marker included) and the CRC32 of
- * `data`. The encoder runs off the main thread; the main thread only hands it 1 MiB slices and
- * CRCs them. `signal` cancels the encoder's output stream.
+ * `data` as an `.xz` file (CRC32 check, LZMA2 with a 1 MiB dictionary, stored chunks). Yields to
+ * the event loop every MiB; `signal` aborts between slices.
  */
-async function lzma2Compress(data: Buffer, signal?: AbortSignal): Promise<{ compressed: Buffer; check: number }> {
-  let check = 0;
-  let off = 0;
-  const input = new ReadableStream<Uint8Array>({
-    pull(controller) {
-      if (off >= data.length) {
-        controller.close();
-        return;
-      }
-      const slice = data.subarray(off, off + SLICE);
-      check = crc32(slice, check);
-      off += slice.length;
-      controller.enqueue(slice);
-    },
-  });
-  const reader = lzma2.compressStream(input, { preset: PRESET, dictSize: DICT_SIZE }).getReader();
-  // Cancelling ends a pending read at once; the encoder stops at its next pull of input.
-  const onAbort = (): void => void reader.cancel(signal?.reason).catch(() => undefined);
-  signal?.addEventListener('abort', onAbort, { once: true });
-  const chunks: Buffer[] = [];
-  try {
-    for (;;) {
-      const { done, value } = await reader.read();
-      signal?.throwIfAborted();
-      if (done) break;
-      chunks.push(value);
-    }
-  } finally {
-    signal?.removeEventListener('abort', onAbort);
-  }
-  return { compressed: Buffer.concat(chunks), check };
-}
-
-/**
- * `data` compressed into an `.xz` file (CRC32 check, LZMA2 with a 1 MiB dictionary). The
- * compression runs off the main thread; `signal` aborts it.
- */
-export async function xzCompress(data: Buffer, signal?: AbortSignal): Promise<Buffer> {
+export async function xzStore(data: Buffer, signal?: AbortSignal): Promise<Buffer> {
   signal?.throwIfAborted();
-  const { compressed, check } = await lzma2Compress(data, signal);
-
   const flags = Buffer.from([0x00, CHECK_CRC32]);
   const streamHeader = Buffer.concat([MAGIC, flags, u32le(crc32(flags))]);
 
@@ -98,11 +56,34 @@ export async function xzCompress(data: Buffer, signal?: AbortSignal): Promise<Bu
   const blockHeaderBody = Buffer.concat([Buffer.from([(headerPadded + 4) / 4 - 1, 0x00]), filter, padTo4(headerLen)]);
   const blockHeader = Buffer.concat([blockHeaderBody, u32le(crc32(blockHeaderBody))]);
 
-  const unpadded = blockHeader.length + compressed.length;
+  const parts: Buffer[] = [streamHeader, blockHeader];
+  let compressedSize = 0;
+  let check = 0;
+  for (let off = 0; off < data.length; off += SLICE) {
+    const slice = data.subarray(off, Math.min(off + SLICE, data.length));
+    check = crc32(slice, check);
+    for (let c = 0; c < slice.length; c += CHUNK) {
+      const chunk = slice.subarray(c, c + CHUNK);
+      const control = off === 0 && c === 0 ? 0x01 : 0x02; // the first chunk resets the dictionary
+      const head = Buffer.from([control, (chunk.length - 1) >> 8, (chunk.length - 1) & 0xff]);
+      parts.push(head, chunk);
+      compressedSize += head.length + chunk.length;
+    }
+    if (off + SLICE < data.length) {
+      await yieldToLoop();
+      signal?.throwIfAborted();
+    }
+  }
+  parts.push(Buffer.from([0x00])); // end of LZMA2 data
+  compressedSize += 1;
+  const unpadded = blockHeader.length + compressedSize;
+  parts.push(padTo4(unpadded), u32le(check));
+
   const indexBody = Buffer.from([0x00, ...varint(1), ...varint(unpadded + 4), ...varint(data.length)]);
   const indexPadded = Buffer.concat([indexBody, padTo4(indexBody.length)]);
   const index = Buffer.concat([indexPadded, u32le(crc32(indexPadded))]);
   const footerBody = Buffer.concat([u32le(index.length / 4 - 1), flags]);
   const footer = Buffer.concat([u32le(crc32(footerBody)), footerBody, Buffer.from('YZ')]);
-  return Buffer.concat([streamHeader, blockHeader, compressed, padTo4(unpadded), u32le(check), index, footer]);
+  parts.push(index, footer);
+  return Buffer.concat(parts);
 }

@@ -73,7 +73,6 @@ for (const compression of ['xz', 'zst', 'gz'] as const) {
     const packed = await compressModule(module, compression);
     const signed = await signModuleFile(packed, fileName, signer, limits);
     t.ok(signed.subarray(0, TOOLS[compression].magic.length).equals(TOOLS[compression].magic), `${compression} by its magic bytes`);
-    t.ok(signed.length < expected.length, `compressed: ${signed.length} bytes, the signed module ${expected.length}`);
     t.ok((await toolDecompress(compression, signed)).equals(expected), `${TOOLS[compression].binary} -d gives exactly sign-file's output for the decompressed module`);
     if (compression === 'xz') {
       const xz = await ensureDebianBinary('xz', 'xz-utils');
@@ -82,9 +81,6 @@ for (const compression of ['xz', 'zst', 'gz'] as const) {
         const { stdout } = await run(xz, ['-lvv', '--robot', file.path]);
         t.match(stdout, /\tCRC32\t/, 'xz: CRC32 check');
         t.match(stdout, /--lzma2=dict=1MiB/, 'xz: 1 MiB dictionary');
-        // summary: memory to decompress, sizes in headers, minimum xz version.
-        const memusage = Number(/^summary\t(\d+)\t/m.exec(stdout)?.[1]);
-        t.ok(memusage >= MiB && memusage < 2 * MiB, `xz: ${memusage} bytes to decompress, the 1 MiB dictionary and the decoder state`);
       } finally {
         await file.cleanup();
       }
