@@ -126,6 +126,8 @@ export interface ModuleMetadata {
   readonly generation?: number;
   readonly resourceVersion?: string;
   readonly uid?: string;
+  /** RFC 3339, as kube-apiserver sets it. */
+  readonly creationTimestamp?: string;
 }
 
 export interface KmmModule {
@@ -328,6 +330,7 @@ export function parseModule(obj: unknown, options: ParseModuleOptions = {}): Par
       generation: r.integer(meta.generation, 'metadata.generation'),
       resourceVersion: r.string(meta.resourceVersion, 'metadata.resourceVersion'),
       uid: r.string(meta.uid, 'metadata.uid'),
+      creationTimestamp: r.string(meta.creationTimestamp, 'metadata.creationTimestamp'),
     };
     if (name !== undefined) metadata = compact({ name, ...rest });
   }

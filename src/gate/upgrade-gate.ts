@@ -47,6 +47,9 @@ import { cut, describeVerdict, releaseVerdict, type GateInputs, type ReleaseVerd
 export { gateCacheStats, releaseVerdict, MAX_FAILING_LISTED, MAX_REASON_CHARS } from './release-verdict.ts';
 export type { FailingModule, GateCacheStats, GateInputs, GateModule, ReleaseVerdict, VerdictContext, VerdictReason } from './release-verdict.ts';
 
+/** Where the server serves the ClusterVersion webhook (deploy/components/openshift names it). */
+export const CLUSTER_VERSION_WEBHOOK_PATH = '/admission/clusterversions';
+
 export type GatePolicy = {
   /** `enforce`: refuse unverified updates; `warn`: allow them with warnings. */
   readonly mode: 'enforce' | 'warn';

@@ -54,6 +54,17 @@ export interface BuildOptions {
   readonly now?: () => number;
   /** Extra health checks named in /readyz?verbose. */
   readonly readinessChecks?: ReadonlyMap<string, () => Promise<void>>;
+  /**
+   * Validating admission webhooks served beside the API (AdmissionReview v1 over POST): called by
+   * kube-apiserver, which presents no user, so these paths skip authentication like /healthz.
+   */
+  readonly admission?: readonly AdmissionRoute[];
+}
+
+export interface AdmissionRoute {
+  readonly path: string;
+  /** Decides on a parsed body; `error` is an internal failure to log (the answer already fails closed). */
+  review(body: unknown): { readonly status: number; readonly body: unknown; readonly error?: unknown };
 }
 
 declare module 'fastify' {
@@ -195,11 +206,13 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
     sendText(reply, e.code, 'application/json', JSON.stringify(e.toStatus()));
   }
 
+  const admissionPaths = new Set((options.admission ?? []).map((r) => r.path));
   // Authentication and authorization, as kube-apiserver's filter chain; health needs neither.
   app.addHook('onRequest', async (req) => {
     const path = req.url.split('?')[0]!;
     req.kubeInfo = requestInfo(req.method, req.url);
     if (HEALTH_PATHS.has(path) || [...HEALTH_PATHS].some((h) => path.startsWith(`${h}/`))) return;
+    if (req.method === 'POST' && admissionPaths.has(path)) return;
     const socket = req.raw.socket instanceof TLSSocket ? req.raw.socket : undefined;
     const authn = await authenticator.authenticate({ headers: req.headers, headersDistinct: req.raw.headersDistinct, socket });
     if (!authn.authenticated) {
@@ -272,6 +285,21 @@ export async function build(options: BuildOptions): Promise<FastifyInstance> {
   app.get('/livez', health(['ping']));
   app.get('/readyz', health([...checks.keys()]));
   app.get('/healthz', health([...checks.keys()]));
+
+  for (const route of options.admission ?? []) {
+    app.post(route.path, async (req, reply) => {
+      let body: unknown;
+      try {
+        body = JSON.parse(req.body instanceof Buffer ? req.body.toString('utf8') : '');
+      } catch (err) {
+        sendStatus(reply, errors.badRequest(`the body is not a JSON AdmissionReview: ${(err as Error).message}`));
+        return;
+      }
+      const out = route.review(body);
+      if (out.error !== undefined) req.log.error({ err: out.error, path: route.path }, 'admission webhook failed internally; the request was refused');
+      sendText(reply, out.status, 'application/json', JSON.stringify(out.body));
+    });
+  }
 
   app.get('/version', async (_req, reply) => {
     const [major, minor] = options.version.split('.');

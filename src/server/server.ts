@@ -25,6 +25,9 @@ import { perRegistryLimit } from '../controller/registry-limit.ts';
 import { createLocalBuilder } from '../build/local-builder.ts';
 import type { Builder } from '../build/types.ts';
 import { createSignStage } from '../engine/sign-stage.ts';
+import type { ClusterInputs } from '../controller/inputs.ts';
+import { createGateState, type ModuleSource } from '../gate/gate-state.ts';
+import { CLUSTER_VERSION_WEBHOOK_PATH, reviewClusterVersionUpdate } from '../gate/upgrade-gate.ts';
 import { createImageStage } from '../engine/image-stage.ts';
 import { createDiskLayerCache, createMemoryLayerCache } from '../engine/layer-cache.ts';
 import { logEventRecorder } from '../kube/log-events.ts';
@@ -108,7 +111,23 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
   const store = await openStore(config, logger);
   const registries = createRegistries(store, logger, { bookmarkIntervalMs: config.watchBookmarkIntervalSeconds * 1000 });
   const metrics = createApiMetrics();
+  // The ClusterVersion upgrade gate: in memory, fed by this server's own PreflightValidationOCP
+  // objects and by the controller's inputs (the cluster's Modules), in every replica.
+  const modules = deferredModuleSource();
+  const controllerWanted = config.controller ?? (config.authenticationMode === 'delegated' || config.modulesDir !== undefined);
+  const gateClient = createRegistryClient({ userAgent: `kmm-preflight/${SERVER_VERSION}` });
+  const insecure = new Set(config.insecureRegistries);
+  const gate = createGateState({
+    pfvo: registries[1]!,
+    ...(controllerWanted ? { modules } : {}),
+    registry: gateClient,
+    accessFor: (host) => ({ insecure: insecure.has(host) }),
+    platform: { os: 'linux', architecture: config.architecture ?? 'amd64' },
+    logger,
+  });
+  const gatePolicy = { mode: config.upgradeGatePolicy, honourForce: config.upgradeGateHonourForce };
   const app = await build({
+    admission: [{ path: CLUSTER_VERSION_WEBHOOK_PATH, review: (body) => reviewClusterVersionUpdate(body, gate, gatePolicy) }],
     registries,
     store,
     logger,
@@ -142,7 +161,9 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     'kmm-preflight API server listening',
   );
 
-  const controller = await startControllerIfWanted(config, logger, registries, metrics.registry);
+  // Not awaited: until the gate has read its inputs it refuses upgrades, saying so.
+  void gate.start().catch((err: unknown) => logger.error({ err }, 'the upgrade gate could not start; upgrades are refused until it does'));
+  const controller = await startControllerIfWanted(config, logger, registries, metrics.registry, (inputs) => modules.attach(inputs));
 
   let closing: Promise<void> | undefined;
   return {
@@ -153,7 +174,9 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     close: () => {
       closing ??= (async () => {
         reloader?.stop();
+        await gate.stop();
         await controller?.stop();
+        await gateClient.close();
         // Watches are long requests: end them so that close() does not wait for their timeout.
         app.server.closeAllConnections?.();
         await app.close();
@@ -198,6 +221,7 @@ async function startControllerIfWanted(
   logger: Logger,
   registries: readonly ResourceRegistry[],
   metricsRegistry: Registry,
+  onInputs: (inputs: ClusterInputs) => void,
 ): Promise<{ stop(): Promise<void> } | undefined> {
   const delegated = config.authenticationMode === 'delegated';
   const wanted = config.controller ?? (delegated || config.modulesDir !== undefined);
@@ -209,6 +233,7 @@ async function startControllerIfWanted(
   const kube = config.modulesDir ? undefined : await import('./kube-wiring.ts');
   const kc = kube?.kubeConfigOf(config);
   const inputs = kube && kc ? kube.createClusterInputs(kc, log) : createDirectoryInputs([config.modulesDir!], log);
+  onInputs(inputs);
   const client = createRegistryClient({ userAgent: `kmm-preflight/${SERVER_VERSION}` });
   const cache = config.layerCacheDir ? createDiskLayerCache({ dir: config.layerCacheDir }) : createMemoryLayerCache();
   const imageStage = perRegistryLimit(createImageStage({ registry: client, cache, logger: log }), config.registryConcurrency);
@@ -297,6 +322,26 @@ async function startControllerIfWanted(
       await inputs.stop();
       await builder?.close();
       client.close();
+    },
+  };
+}
+
+/** The Modules for the upgrade gate, from the controller's inputs once they exist. */
+function deferredModuleSource(): ModuleSource & { attach(inputs: ClusterInputs): void } {
+  let inputs: ClusterInputs | undefined;
+  let attached!: () => void;
+  const ready = new Promise<void>((r) => (attached = r));
+  const listeners: (() => void)[] = [];
+  return {
+    modules: () => inputs?.modules() ?? [],
+    synced: ready.then(() => inputs!.synced),
+    onChange: (l) => void listeners.push(l),
+    attach(i) {
+      inputs = i;
+      i.on('module', () => {
+        for (const l of listeners) l();
+      });
+      attached();
     },
   };
 }
