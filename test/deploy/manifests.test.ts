@@ -332,14 +332,16 @@ for (const overlay of ['base', ...OVERLAYS] as const) {
 }
 
 t.test('RBAC: least privilege, no wildcard', async (t) => {
-  const objs = objects('kubernetes');
-  for (const r of [...all(objs, 'ClusterRole'), ...all(objs, 'Role')]) {
-    for (const rule of r['rules'] as K8s[]) {
-      for (const field of ['apiGroups', 'resources', 'verbs']) {
-        t.notOk((rule[field] ?? []).includes('*'), `${r['kind']} ${r['metadata']['name']}: no * in ${field}`);
+  for (const overlay of ['kubernetes', 'openshift'] as const) {
+    for (const r of [...all(objects(overlay), 'ClusterRole'), ...all(objects(overlay), 'Role')]) {
+      for (const rule of r['rules'] as K8s[]) {
+        for (const field of ['apiGroups', 'resources', 'verbs']) {
+          t.notOk((rule[field] ?? []).includes('*'), `${overlay}: ${r['kind']} ${r['metadata']['name']}: no * in ${field}`);
+        }
       }
     }
   }
+  const objs = objects('kubernetes');
   const rules = find(objs, 'ClusterRole', 'kmm-preflight')!['rules'] as K8s[];
   const grants = new Map<string, string[]>();
   for (const rule of rules) {
@@ -391,6 +393,138 @@ t.test('aggregated ClusterRoles: view reads, edit and admin write, both kinds an
       for (const v of ['update', 'patch']) t.ok(g.get(`${k}/status`)?.has(v), `${label}: ${v} ${k}/status`);
     }
   }
+});
+
+// ---------------------------------------------------------------------------------------------
+// The upgrade gates (deploy/components/openshift): the ClusterVersion admission webhook and the
+// RBAC for ClusterVersion reads and the kmm-preflight ClusterOperator. OpenShift only.
+
+const WEBHOOK_CONFIG = 'kmm-preflight-clusterversion';
+const WEBHOOK = 'clusterversions.kmm-preflight.kmm.sigs.x-k8s.io';
+const GATES_ROLE = 'kmm-preflight:upgrade-gates';
+const OPENSHIFT_GROUP = 'config.openshift.io';
+
+/** The ClusterRole and Role rules of a rendering that name the config.openshift.io group. */
+function openshiftGrants(objs: readonly K8s[]): { role: string; rule: K8s }[] {
+  return [...all(objs, 'ClusterRole'), ...all(objs, 'Role')].flatMap((r) =>
+    ((r['rules'] ?? []) as K8s[]).filter((rule) => (rule['apiGroups'] ?? []).includes(OPENSHIFT_GROUP)).map((rule) => ({ role: r['metadata']['name'] as string, rule })),
+  );
+}
+
+/** Every `- apiGroups:` rule of a YAML file has a comment line right above it. */
+async function everyRuleExplained(t: Test, path: string): Promise<void> {
+  const source = (await readFile(join(ROOT, path), 'utf8')).split('\n');
+  let rules = 0;
+  source.forEach((line, i) => {
+    if (!/^\s*- apiGroups:/.test(line)) return;
+    rules++;
+    t.match(source[i - 1] ?? '', /^\s*#/, `${path} line ${i + 1}: the rule is explained`);
+  });
+  t.ok(rules > 0, `${path} has rules`);
+}
+
+t.test('openshift: the ClusterVersion webhook reaches the server through its Service, trusted through service-ca', async (t) => {
+  const objs = objects('openshift');
+  t.equal(all(objs, 'MutatingWebhookConfiguration').length, 0, 'no mutating webhook: the gate never changes a ClusterVersion');
+  t.equal(all(objs, 'ValidatingWebhookConfiguration').length, 1, 'one ValidatingWebhookConfiguration');
+  const config = find(objs, 'ValidatingWebhookConfiguration', WEBHOOK_CONFIG)!;
+  t.ok(config, `ValidatingWebhookConfiguration ${WEBHOOK_CONFIG}`);
+  t.equal(config['metadata']['annotations']?.['service.beta.openshift.io/inject-cabundle'], 'true', 'the service-ca operator injects its CA into the caBundle');
+  const webhooks = config['webhooks'] as K8s[];
+  t.equal(webhooks.length, 1, 'one webhook');
+  const w = webhooks[0]!;
+  t.equal(w['name'], WEBHOOK);
+
+  // Wiring: the API server's own Service and port, the server's path, the service-ca CA.
+  t.same(
+    w['clientConfig'],
+    { service: { namespace: 'kmm-preflight', name: 'kmm-preflight', path: '/admission/clusterversions', port: 443 } },
+    'a Service reference with the path: no url, no caBundle of our own (injected), never a way around TLS',
+  );
+  const ref = w['clientConfig']['service'] as K8s;
+  const api = find(objs, 'APIService', APISERVICE)!;
+  t.same({ name: ref['name'], namespace: ref['namespace'], port: ref['port'] }, api['spec']['service'], 'the same Service and port as the APIService: one HTTPS server');
+  const svc = find(objs, 'Service', ref['name'], ref['namespace']);
+  t.ok((svc?.['spec']['ports'] as K8s[] | undefined)?.some((p) => p['port'] === ref['port']), `the Service ${ref['namespace']}/${ref['name']} is rendered with port ${ref['port']}`);
+  t.equal(
+    svc?.['metadata']['annotations']?.['service.beta.openshift.io/serving-cert-secret-name'],
+    SERVING_SECRET,
+    'service-ca issues the serving certificate for that Service name, signed by the CA it injects',
+  );
+
+  // What reaches it, and how kube-apiserver treats it.
+  t.same(
+    w['rules'],
+    [{ operations: ['UPDATE'], apiGroups: [OPENSHIFT_GROUP], apiVersions: ['v1'], resources: ['clusterversions'], scope: 'Cluster' }],
+    'UPDATE of clusterversions only: not clusterversions/status, which the cluster-version operator writes often',
+  );
+  t.equal(w['sideEffects'], 'None', 'sideEffects None: dry-run requests may be sent');
+  t.same(w['admissionReviewVersions'], ['v1'], 'AdmissionReview v1 only');
+  t.ok(typeof w['timeoutSeconds'] === 'number' && w['timeoutSeconds'] >= 1 && w['timeoutSeconds'] <= 10, `a short timeout (${w['timeoutSeconds']} s): the answer comes from memory`);
+  t.equal(w['failurePolicy'], 'Fail', 'Fail: no upgrade starts unchecked while the gate is down');
+  t.notOk(w['namespaceSelector'] || w['objectSelector'], 'no selectors: ClusterVersion is cluster-scoped, `version` is the only one');
+  const conditions = (w['matchConditions'] ?? []) as K8s[];
+  t.equal(conditions.length, 1, 'one matchCondition');
+  const expression = String(conditions[0]?.['expression'] ?? '');
+  t.match(expression, /has\(object\.spec\.desiredUpdate\)/, 'only when the new object asks for an update...');
+  t.match(expression, /object\.spec\.desiredUpdate != oldObject\.spec\.desiredUpdate/, '...that differs from the one asked for before');
+
+  // The choice is explained where it is made.
+  const source = (await readFile(join(ROOT, 'deploy', 'components', 'openshift', 'clusterversion-webhook.yaml'), 'utf8')).split('\n');
+  const at = source.findIndex((l) => /^\s*failurePolicy:/.test(l));
+  t.match(source[at - 1] ?? '', /^\s*#/, 'failurePolicy has a comment saying why');
+  const docs = await readFile(join(ROOT, 'docs', 'deploy.md'), 'utf8');
+  t.match(docs, /failurePolicy: Fail/, 'docs/deploy.md explains the failurePolicy');
+});
+
+t.test('openshift: the upgrade gates RBAC is exactly what they need, each rule explained, bound to the server', async (t) => {
+  const objs = objects('openshift');
+  const role = find(objs, 'ClusterRole', GATES_ROLE);
+  t.same(
+    role?.['rules'],
+    [
+      { apiGroups: [OPENSHIFT_GROUP], resources: ['clusterversions'], verbs: ['get', 'list', 'watch'] },
+      { apiGroups: [OPENSHIFT_GROUP], resources: ['clusteroperators'], verbs: ['create', 'get', 'list', 'watch'] },
+      { apiGroups: [OPENSHIFT_GROUP], resources: ['clusteroperators/status'], resourceNames: ['kmm-preflight'], verbs: ['update', 'patch'] },
+    ],
+    'read ClusterVersions; create and read ClusterOperators; write the status of kmm-preflight only',
+  );
+  const bindings = all(objs, 'ClusterRoleBinding').filter((b) => b['roleRef']['kind'] === 'ClusterRole' && b['roleRef']['name'] === GATES_ROLE);
+  t.equal(bindings.length, 1, 'one ClusterRoleBinding');
+  t.match(bindings[0]?.['roleRef'], { apiGroup: 'rbac.authorization.k8s.io' });
+  t.same(bindings[0]?.['subjects'], [{ kind: 'ServiceAccount', name: 'kmm-preflight', namespace: 'kmm-preflight' }], "to the server's ServiceAccount only");
+  t.same(
+    openshiftGrants(objs).map((g) => g.role),
+    [GATES_ROLE, GATES_ROLE, GATES_ROLE],
+    'no other Role or ClusterRole grants anything in config.openshift.io (the base ClusterRole is unchanged)',
+  );
+  await everyRuleExplained(t, 'deploy/components/openshift/upgrade-gates-cluster-role.yaml');
+});
+
+for (const overlay of ['base', 'kubernetes', 'single-replica-sqlite'] as const) {
+  t.test(`${overlay}: no upgrade gates (Kubernetes has no ClusterVersion)`, async (t) => {
+    const objs = objects(overlay);
+    t.equal(all(objs, 'ValidatingWebhookConfiguration').length + all(objs, 'MutatingWebhookConfiguration').length, 0, 'no admission webhook configuration');
+    t.same(openshiftGrants(objs), [], 'no config.openshift.io RBAC');
+    t.equal(find(objs, 'ClusterRole', GATES_ROLE), undefined, `no ${GATES_ROLE} ClusterRole`);
+  });
+}
+
+t.test("docs/deploy.md's overlay for OpenShift before 4.14 renders the webhook without matchConditions, and nothing else changed", async (t) => {
+  const docs = await readFile(join(ROOT, 'docs', 'deploy.md'), 'utf8');
+  const section = docs.slice(docs.indexOf('### OpenShift 4.13 and older'));
+  const yaml = /```yaml\n([\s\S]+?)```/.exec(section)?.[1];
+  t.ok(yaml, 'the example is there');
+  const dir = join(deploy, 'overlays', 'my-openshift');
+  await mkdir(dir, { recursive: true });
+  await writeFile(join(dir, 'kustomization.yaml'), yaml ?? '');
+  const objs = await kustomize(dir);
+  const webhook = find(objs, 'ValidatingWebhookConfiguration', WEBHOOK_CONFIG)?.['webhooks']?.[0] as K8s | undefined;
+  t.ok(webhook, 'the webhook is rendered');
+  t.notOk(webhook && 'matchConditions' in webhook, 'without matchConditions');
+  const { matchConditions: _dropped, ...expected } = find(objects('openshift'), 'ValidatingWebhookConfiguration', WEBHOOK_CONFIG)!['webhooks'][0] as K8s;
+  t.same(webhook, expected, 'the rest of the webhook as in the openshift overlay');
+  t.equal(objs.length, objects('openshift').length, 'the same objects as the openshift overlay');
 });
 
 t.test('the etcd option: a three-member cluster that can form', async (t) => {
