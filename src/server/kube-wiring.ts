@@ -18,6 +18,7 @@ export { createClusterInputs } from '../controller/cluster-inputs.ts';
 export { createLeaderElector, kubeLeaseClient } from '../controller/leader-election.ts';
 export { kubeEventRecorder } from '../kube/events.ts';
 export { createJobBuilder } from '../build/job-builder.ts';
+export { createClusterOperatorWriter } from '../gate/cluster-operator.ts';
 
 export function kubeConfigOf(config: Config): KubeConfig {
   const kc = new KubeConfig();

@@ -164,6 +164,22 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
   // Not awaited: until the gate has read its inputs it refuses upgrades, saying so.
   void gate.start().catch((err: unknown) => logger.error({ err }, 'the upgrade gate could not start; upgrades are refused until it does'));
   const controller = await startControllerIfWanted(config, logger, registries, metrics.registry, (inputs) => modules.attach(inputs));
+  // OpenShift: the kmm-preflight ClusterOperator mirrors the gate's verdict (Upgradeable).
+  let operator: { stop(): Promise<void> } | undefined;
+  if (config.authenticationMode === 'delegated') {
+    const kube = await import('./kube-wiring.ts');
+    const writer = kube.createClusterOperatorWriter({
+      kubeConfig: kube.kubeConfigOf(config),
+      gate,
+      logger,
+      health: () => store.ping(),
+      namespace: config.leaderElectionNamespace,
+      version: SERVER_VERSION,
+      intervalMs: config.clusterOperatorIntervalSeconds * 1000,
+    });
+    writer.start();
+    operator = writer;
+  }
 
   let closing: Promise<void> | undefined;
   return {
@@ -174,6 +190,7 @@ export async function startServer(config: Config, logger: Logger): Promise<Runni
     close: () => {
       closing ??= (async () => {
         reloader?.stop();
+        await operator?.stop();
         await gate.stop();
         await controller?.stop();
         await gateClient.close();
