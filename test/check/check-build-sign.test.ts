@@ -4,7 +4,7 @@
  * depmod, in-process signing with a key made by openssl, pushes, and the Image stage on what was
  * pushed.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,8 +16,8 @@ import { createRegistryClient } from '../../src/registry/client.ts';
 import { requireBuildah } from '../helpers/buildah.ts';
 import { hostPlatform, pushBusyboxImage } from '../helpers/busybox-image.ts';
 import { buildModuleObject, kmodModinfo, writeTemp } from '../helpers/kmod-fixtures.ts';
+import { moduleYaml as moduleManifest, runCheckCli } from '../helpers/manifests.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
-import { ROOT } from '../helpers/server.ts';
 
 t.setTimeout(600_000);
 
@@ -27,21 +27,7 @@ const exec = promisify(execFile);
 let registry: TestRegistry;
 let dir: string;
 
-function check(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(ROOT, 'src', 'cli.ts'), 'check', ...args], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code: code ?? -1, stdout, stderr });
-    });
-  });
-}
+const check = (args: readonly string[]) => runCheckCli(args, dir, 300_000);
 
 const DOCKERFILE = (base: string) => `FROM ${base}
 ARG KERNEL_VERSION
@@ -49,19 +35,7 @@ ARG MOD_NAME
 RUN mkdir -p /opt/lib/modules/\${KERNEL_VERSION}/extra && cp /src/\${MOD_NAME}.ko /opt/lib/modules/\${KERNEL_VERSION}/extra/ && depmod -b /opt \${KERNEL_VERSION}
 `;
 
-const moduleYaml = (name: string, mapping: string) => `apiVersion: kmm.sigs.x-k8s.io/v1beta1
-kind: Module
-metadata: {name: ${name}, namespace: drivers}
-spec:
-  selector: {kubernetes.io/arch: amd64}
-  moduleLoader:
-    container:
-      modprobe: {moduleName: ${name}}
-      kernelMappings:
-        - literal: ${K}
-          containerImage: ${registry.host}/drivers/${name}:\${KERNEL_FULL_VERSION}
-          registryTLS: {insecure: true}
-${mapping}`;
+const moduleYaml = (name: string, mapping: string) => moduleManifest(registry, name, { match: `literal: ${K}`, mapping });
 
 const configMap = (name: string, dockerfile: string) =>
   `apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ${name}, namespace: drivers}\ndata:\n  dockerfile: ${JSON.stringify(dockerfile)}\n`;

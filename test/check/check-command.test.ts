@@ -2,15 +2,14 @@
  * The `check` command end to end: the real CLI process against a real registry holding images
  * built by the tests, with real ELF kernel objects.
  */
-import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
 import { pushImage } from '../helpers/images.ts';
+import { runCheckCli } from '../helpers/manifests.ts';
 import { dockerConfigFor, startRegistry, type TestRegistry } from '../helpers/registry.ts';
-import { ROOT } from '../helpers/server.ts';
 
 t.setTimeout(240_000);
 
@@ -21,21 +20,7 @@ let open: TestRegistry;
 let locked: TestRegistry;
 let dir: string;
 
-function run(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(ROOT, 'src', 'cli.ts'), 'check', ...args], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code: code ?? -1, stdout, stderr });
-    });
-  });
-}
+const run = (args: readonly string[]) => runCheckCli(args, dir, 120_000);
 
 async function moduleImage(registry: TestRegistry, repoTag: string, name: string, kernel: string, vermagicKernel = kernel) {
   const ko = await buildModuleObject({ name, vermagic: `${vermagicKernel} SMP preempt mod_unload modversions` });

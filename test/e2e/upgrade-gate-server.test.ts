@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { pushImage } from '../helpers/images.ts';
-import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
+import { moduleYaml, pushModuleImage, until as untilHelper } from '../helpers/manifests.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 
@@ -59,15 +59,7 @@ async function post(body: string) {
   return { status: r.status, body: r.body ? (JSON.parse(r.body) as any) : undefined };
 }
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\nserver output:\n${server.output().slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const until = <T>(what: string, probe: () => Promise<T | undefined>) => untilHelper(what, probe, 60_000, () => `server output:\n${server.output().slice(-3000)}`);
 
 t.before(async () => {
   registry = await startRegistry();
@@ -79,27 +71,11 @@ t.before(async () => {
   const release = await pushImage(registry, 'ocp/release:4.16.1-x86_64', { layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }] });
   releaseTag = release.reference;
   releaseDigest = `${registry.host}/ocp/release@${release.digest}`;
-  const ko = await buildModuleObject({ name: 'good', vermagic: `${K} SMP preempt mod_unload modversions` });
-  await pushImage(registry, `drivers/good:${K}`, {
-    layers: [{ entries: [{ path: `opt/lib/modules/${K}/extra/good.ko`, content: ko }, { path: `opt/lib/modules/${K}/modules.dep`, content: 'extra/good.ko:\n' }] }],
-  });
+  await pushModuleImage(registry, 'good', K);
   const modules = join(dir, 'modules');
   await import('node:fs/promises').then((fs) => fs.mkdir(modules));
-  const moduleYaml = (name: string) => `apiVersion: kmm.sigs.x-k8s.io/v1beta1
-kind: Module
-metadata: {name: ${name}, namespace: drivers}
-spec:
-  selector: {kubernetes.io/arch: amd64}
-  moduleLoader:
-    container:
-      modprobe: {moduleName: ${name}}
-      kernelMappings:
-        - regexp: '^.+$'
-          containerImage: ${registry.host}/drivers/${name}:\${KERNEL_FULL_VERSION}
-          registryTLS: {insecure: true}
-`;
-  await writeFile(join(modules, 'good.yaml'), moduleYaml('good'));
-  await writeFile(join(modules, 'bad.yaml'), moduleYaml('bad'));
+  await writeFile(join(modules, 'good.yaml'), moduleYaml(registry, 'good'));
+  await writeFile(join(modules, 'bad.yaml'), moduleYaml(registry, 'bad'));
   server = await startTestServer(['--modules-dir', modules, '--insecure-registries', registry.host, '--builder', 'none']);
 });
 
@@ -147,10 +123,7 @@ t.test('without a validation the upgrade is refused; once the release (created b
   t.notOk(denied.body.response.patch, 'never a patch');
 
   // Fix the Module: its image appears; the Module's file changes, so it is validated again.
-  const ko = await buildModuleObject({ name: 'bad', vermagic: `${K} SMP preempt mod_unload modversions` });
-  await pushImage(registry, `drivers/bad:${K}`, {
-    layers: [{ entries: [{ path: `opt/lib/modules/${K}/extra/bad.ko`, content: ko }, { path: `opt/lib/modules/${K}/modules.dep`, content: 'extra/bad.ko:\n' }] }],
-  });
+  await pushModuleImage(registry, 'bad', K);
   await writeFile(join(dir, 'modules', 'bad.yaml'), (await import('node:fs/promises').then((fs) => fs.readFile(join(dir, 'modules', 'bad.yaml'), 'utf8'))).replace('selector: {kubernetes.io/arch: amd64}', 'selector: {kubernetes.io/arch: amd64, fixed: "yes"}'));
   const allowed = await until('the upgrade allowed', async () => {
     const r = await post(review('u-3', { image: releaseDigest }));

@@ -16,7 +16,7 @@ import { parseAllDocuments, stringify } from 'yaml';
 import { registerAggregatedServer } from '../helpers/aggregation.ts';
 import { startControlPlane, type ControlPlane } from '../helpers/control-plane.ts';
 import { pushImage } from '../helpers/images.ts';
-import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
+import { moduleYaml, pushModuleImage, until as untilHelper } from '../helpers/manifests.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
 import { ROOT, startTestServer, type TestServer } from '../helpers/server.ts';
 
@@ -37,35 +37,13 @@ async function ok(args: readonly string[], input?: string) {
   return r.stdout;
 }
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 90_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\nserver output:\n${server?.output().slice(-4000)}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+const until = <T>(what: string, probe: () => Promise<T | undefined>) => untilHelper(what, probe, 90_000, () => `server output:\n${server?.output().slice(-4000)}`);
 
 async function upgradeable(): Promise<{ status: string; reason: string; message: string } | undefined> {
   const r = await cp.kubectl(['get', 'clusteroperator', 'kmm-preflight', '-o', 'json']);
   if (r.code !== 0) return undefined;
   return JSON.parse(r.stdout).status?.conditions?.find((c: { type: string }) => c.type === 'Upgradeable');
 }
-
-const moduleYaml = (name: string) => `apiVersion: kmm.sigs.x-k8s.io/v1beta1
-kind: Module
-metadata: {name: ${name}, namespace: drivers}
-spec:
-  selector: {kubernetes.io/arch: amd64}
-  moduleLoader:
-    container:
-      modprobe: {moduleName: ${name}}
-      kernelMappings:
-        - regexp: '^.+$'
-          containerImage: ${registry.host}/drivers/${name}:\${KERNEL_FULL_VERSION}
-          registryTLS: {insecure: true}
-`;
 
 t.before(async () => {
   [cp, registry] = await Promise.all([startControlPlane(), startRegistry()]);
@@ -98,7 +76,7 @@ spec: {clusterID: 5d5f5a8e-7c6b-4a43-9a4c-1d2e3f405162, channel: stable-4.16}
     },
   })]);
   // A Module whose image for the new kernel does not exist yet.
-  await ok(['apply', '-f', '-'], moduleYaml('nic'));
+  await ok(['apply', '-f', '-'], moduleYaml(registry, 'nic'));
 
   server = await startTestServer([
     '--authentication-mode', 'delegated',
@@ -173,10 +151,7 @@ t.test('an upgrade to an unverified release is refused with the webhook\'s messa
   t.match(stillRefused.stderr, /to-4-16-1/);
 
   // The driver's image for the new kernel is published and the Module updated: it verifies.
-  const ko = await buildModuleObject({ name: 'nic', vermagic: `${K} SMP preempt mod_unload modversions` });
-  await pushImage(registry, `drivers/nic:${K}`, {
-    layers: [{ entries: [{ path: `opt/lib/modules/${K}/extra/nic.ko`, content: ko }, { path: `opt/lib/modules/${K}/modules.dep`, content: 'extra/nic.ko:\n' }] }],
-  });
+  await pushModuleImage(registry, 'nic', K);
   await ok(['patch', 'module', 'nic', '-n', 'drivers', '--type=merge', '-p', '{"spec":{"selector":{"kubernetes.io/arch":"amd64","node-role.kubernetes.io/worker":""}}}']);
   await ok(['wait', '--for=condition=Verified', 'pfvo/to-4-16-1', '--timeout=90s']);
   const yes = await until('Upgradeable=True', async () => {
