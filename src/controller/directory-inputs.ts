@@ -276,7 +276,8 @@ export function createDirectoryInputs(paths: readonly string[], logger: Logger, 
     for (const [k, m] of [...next.modules].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
       const old = previous.modules.get(k);
       if (!old) moduleChanges.push({ type: 'added', module: m });
-      else if (canonicalJson(old) !== canonicalJson(m)) moduleChanges.push({ type: 'modified', module: m });
+      // An unchanged file yields the same parsed object: no need to compare 10,000 of them each pass.
+      else if (old !== m && canonicalJson(old) !== canonicalJson(m)) moduleChanges.push({ type: 'modified', module: m });
     }
     for (const [k, m] of previous.modules) if (!next.modules.has(k)) moduleChanges.push({ type: 'deleted', module: m });
     for (const c of moduleChanges) {
