@@ -12,7 +12,7 @@
 import { createHash } from 'node:crypto';
 import { BatchV1Api, CoreV1Api, type KubeConfig, type V1Job, type V1Volume, type V1VolumeMount } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
-import { describeKubeError } from '../kube/errors.ts';
+import { describeKubeError, kubeStatusCode } from '../kube/errors.ts';
 import { logTail, type Builder, type BuildOutcome, type BuildRequest } from './types.ts';
 
 export const DEFAULT_BUILDER_IMAGE = 'gcr.io/kaniko-project/executor:v1.23.2';
@@ -149,10 +149,6 @@ interface Known {
   outcome?: BuildOutcome;
 }
 
-function statusCode(err: unknown): number | undefined {
-  const e = err as { code?: unknown; statusCode?: unknown };
-  return typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
-}
 
 function condition(job: V1Job, type: string) {
   return job.status?.conditions?.find((c) => c.type === type && c.status === 'True');
@@ -175,7 +171,7 @@ export function createJobBuilder(options: JobBuilderOptions): Builder {
       await batch.deleteNamespacedJob({ name, namespace, propagationPolicy: 'Background' });
       log.info({ namespace, job: name }, 'build Job removed');
     } catch (err) {
-      if (statusCode(err) !== 404) throw err;
+      if (kubeStatusCode(err) !== 404) throw err;
     }
   };
 
@@ -199,11 +195,11 @@ export function createJobBuilder(options: JobBuilderOptions): Builder {
       log.info({ job: where, destination: req.destination, push: req.push }, 'build Job created');
       return { state: 'Running', reason: `build Job ${where} created` };
     } catch (err) {
-      if (statusCode(err) === 409) return { state: 'Running', reason: `build Job ${where} is being replaced` };
-      if (statusCode(err) === 404) {
+      if (kubeStatusCode(err) === 409) return { state: 'Running', reason: `build Job ${where} is being replaced` };
+      if (kubeStatusCode(err) === 404) {
         return { state: 'Failed', code: 'BuildNamespaceMissing', reason: `the build Job ${where} cannot be created: namespace ${req.namespace} does not exist` };
       }
-      if (statusCode(err) === 403) {
+      if (kubeStatusCode(err) === 403) {
         return { state: 'Failed', code: 'BuildForbidden', reason: `the build Job ${where} cannot be created: ${describeKubeError(err)}; grant kmm-preflight create on jobs in namespace ${req.namespace}` };
       }
       return { state: 'Error', code: 'BuildJobUnavailable', reason: `the build Job ${where} could not be created: ${describeKubeError(err)}` };
@@ -226,7 +222,7 @@ export function createJobBuilder(options: JobBuilderOptions): Builder {
     try {
       job = await batch.readNamespacedJob({ name, namespace: req.namespace });
     } catch (err) {
-      if (statusCode(err) === 404) return create(req, where);
+      if (kubeStatusCode(err) === 404) return create(req, where);
       return { state: 'Error', code: 'BuildJobUnavailable', reason: `build Job ${where} could not be read: ${describeKubeError(err)}` };
     }
     if (job.metadata?.deletionTimestamp) return { state: 'Running', reason: `build Job ${where} is being replaced` };

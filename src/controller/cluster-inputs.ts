@@ -41,7 +41,7 @@ import {
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { MODULE_API_VERSION, moduleKey, parseModule, type KmmModule } from '../engine/module.ts';
-import { describeKubeError, withTimeout } from '../kube/errors.ts';
+import { describeKubeError, kubeStatusCode, withTimeout } from '../kube/errors.ts';
 import {
   dockerConfigJsonOf,
   InputEvents,
@@ -98,10 +98,6 @@ interface Held<D> {
 /** Objects whose data was dropped while the list was read (not referenced then). */
 const strippedAtList = new WeakSet<object>();
 
-function statusOf(err: unknown): number | undefined {
-  const e = err as { code?: unknown; statusCode?: unknown };
-  return typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
-}
 
 
 /**
@@ -187,7 +183,7 @@ class InformerWatch extends Watch {
       (err: unknown) => {
         const e = err as { name?: unknown } | null | undefined;
         // Not failures: a normal end, the client's inactivity timeout, a 410, or close().
-        if (e && !this.#closed && e.name !== 'TimeoutError' && statusOf(e) !== 410 && ++this.#failures >= this.#relistAfter) {
+        if (e && !this.#closed && e.name !== 'TimeoutError' && kubeStatusCode(e) !== 410 && ++this.#failures >= this.#relistAfter) {
           this.#failures = 0;
           this.#onForcedRelist(err);
           done(Object.assign(new Error('forced relist'), { statusCode: 410 }));
@@ -286,7 +282,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
       informer.attempts++;
       const base = Math.min(retryMaxMs, retryBaseMs * 2 ** Math.min(informer.attempts - 1, 20));
       const delay = Math.round(base * (0.8 + Math.random() * 0.4));
-      const status = statusOf(err);
+      const status = kubeStatusCode(err);
       log.warn(
         {
           resource,
@@ -451,7 +447,7 @@ export function createClusterInputs(kc: KubeConfig, logger: Logger, options: Clu
         `GET ${kind} ${key}`,
       )) as DataObject;
     } catch (err) {
-      if (statusOf(err) === 404) return; // deleted meanwhile: its DELETED event follows
+      if (kubeStatusCode(err) === 404) return; // deleted meanwhile: its DELETED event follows
       const delay = Math.min(retryMaxMs, retryBaseMs * 4);
       log.warn({ kind, object: key, error: describeKubeError(err), retryInMs: delay }, 'cannot read a referenced object; retrying');
       const timer = setTimeout(() => {

@@ -22,7 +22,7 @@
 import { ApisApi, CustomObjectsApi, type KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import type { KubeObject } from '../api/resources.ts';
-import { describeKubeError } from '../kube/errors.ts';
+import { describeKubeError, kubeStatusCode } from '../kube/errors.ts';
 import { type ClusterVersion } from './cluster-version.ts';
 import { createCommand, cut, describeVerdict, releaseVerdict, type GateInputs, type ReleaseVerdict } from './release-verdict.ts';
 
@@ -132,10 +132,6 @@ export function withTransitionTimes(next: ClusterOperatorStatus, prev: Partial<C
   };
 }
 
-function statusCode(err: unknown): number | undefined {
-  const e = err as { code?: unknown; statusCode?: unknown };
-  return typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
-}
 
 export interface ClusterOperatorWriterOptions {
   readonly kubeConfig: KubeConfig;
@@ -172,7 +168,7 @@ export function createClusterOperatorWriter(o: ClusterOperatorWriterOptions): Cl
     try {
       return (await api.getClusterCustomObject({ group: GROUP, version: VERSION, plural: 'clusterversions', name: 'version' })) as ClusterVersion;
     } catch (err) {
-      if (statusCode(err) === 404) return undefined;
+      if (kubeStatusCode(err) === 404) return undefined;
       throw err;
     }
   };
@@ -194,7 +190,7 @@ export function createClusterOperatorWriter(o: ClusterOperatorWriterOptions): Cl
     try {
       current = (await api.getClusterCustomObject({ group: GROUP, version: VERSION, plural: 'clusteroperators', name: CLUSTER_OPERATOR_NAME })) as typeof current;
     } catch (err) {
-      if (statusCode(err) !== 404) throw err;
+      if (kubeStatusCode(err) !== 404) throw err;
       try {
         current = (await api.createClusterCustomObject({
           group: GROUP,
@@ -205,7 +201,7 @@ export function createClusterOperatorWriter(o: ClusterOperatorWriterOptions): Cl
         log.info('ClusterOperator kmm-preflight created');
         absent = false;
       } catch (createErr) {
-        if (statusCode(createErr) === 404) {
+        if (kubeStatusCode(createErr) === 404) {
           if (!absent) log.info('this cluster has no config.openshift.io/v1 ClusterOperator API (not OpenShift): the ClusterOperator gate is off; the webhook and the Verified condition still gate upgrades');
           absent = true;
           return;
@@ -244,7 +240,7 @@ export function createClusterOperatorWriter(o: ClusterOperatorWriterOptions): Cl
     try {
       await pass();
     } catch (err) {
-      if (statusCode(err) === 409) return; // another replica wrote first; the next pass compares again
+      if (kubeStatusCode(err) === 409) return; // another replica wrote first; the next pass compares again
       log.warn({ error: describeKubeError(err) }, 'could not write the ClusterOperator status; trying again');
     }
   };

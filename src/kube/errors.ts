@@ -3,10 +3,16 @@
  * a person can read (never a response body or an object, which may hold secrets), and deadlines.
  */
 
+/** The HTTP status of a failed @kubernetes/client-node call (`code` or `statusCode`), if any. */
+export function kubeStatusCode(err: unknown): number | undefined {
+  const e = err as { code?: unknown; statusCode?: unknown };
+  return typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
+}
+
 /** One line for logs: the HTTP status and kube-apiserver's message, never a body or an object. */
 export function describeKubeError(err: unknown): string {
-  const e = err as { code?: unknown; statusCode?: unknown; body?: unknown; message?: unknown; name?: unknown };
-  const status = typeof e.code === 'number' ? e.code : typeof e.statusCode === 'number' ? e.statusCode : undefined;
+  const e = err as { body?: unknown; message?: unknown; name?: unknown };
+  const status = kubeStatusCode(err);
   if (status !== undefined) {
     let message = '';
     try {
