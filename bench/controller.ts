@@ -25,7 +25,7 @@
  * limit), 130 when interrupted. The server, the registry and the temporary files are removed
  * however the run ends. See bench/README.md.
  */
-import { clockTicks, findRegistryPid, findServerPid, machineCpuSeconds, pad, progress, round } from './lib.ts';
+import { clockTicks, findRegistryPid, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -163,28 +163,7 @@ async function pool<T>(items: readonly T[], limit: number, fn: (item: T, index: 
 
 
 
-/** A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), or null. */
-function procStatusKiB(pid: number | undefined, field: string): number | null {
-  if (pid === undefined) return null;
-  try {
-    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) : null;
-  } catch {
-    return null;
-  }
-}
 
-/** utime + stime of a process in seconds, or null. */
-function procCpuSeconds(pid: number | undefined): number | null {
-  if (pid === undefined) return null;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / clockTicks;
-  } catch {
-    return null;
-  }
-}
 
 /**
  * `wchar` of /proc/<pid>/io: bytes the process passed to write/send/sendfile. For the registry,

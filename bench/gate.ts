@@ -26,7 +26,7 @@
  * failed, a response other than 200, a connection error or timeout, a decision other than the one
  * expected, the time limit); 130 when interrupted. See bench/README.md.
  */
-import { clockTicks, findServerPid, machineCpuSeconds, pad, progress, round } from './lib.ts';
+import { clockTicks, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -174,28 +174,7 @@ function summarize(samples: readonly number[]): Summary {
 
 // ---- /proc -----------------------------------------------------------------------------------
 
-/** A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), or null. */
-function procStatusKiB(pid: number | undefined, field: string): number | null {
-  if (pid === undefined) return null;
-  try {
-    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) : null;
-  } catch {
-    return null;
-  }
-}
 
-/** utime + stime of a process in seconds, or null. */
-function procCpuSeconds(pid: number | undefined): number | null {
-  if (pid === undefined) return null;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / clockTicks;
-  } catch {
-    return null;
-  }
-}
 
 interface CpuMark {
   readonly at: number;

@@ -30,7 +30,7 @@
  * when interrupted. The registry, the children and the temporary files are removed however the run
  * ends. See bench/README.md.
  */
-import { clockTicks, findRegistryPid, machineCpuSeconds, pad, progress, round } from './lib.ts';
+import { clockTicks, findRegistryPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, readdirSync, readFileSync } from 'node:fs';
@@ -130,27 +130,8 @@ function median(xs: readonly number[]): number {
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-/** A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), or null. */
-function procStatusKiB(pid: number | 'self', field: string): number | null {
-  try {
-    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) : null;
-  } catch {
-    return null;
-  }
-}
 
 
-/** CPU seconds (user + system) of a process from /proc/<pid>/stat, or null. */
-function procCpuSeconds(pid: number): number | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / clockTicks;
-  } catch {
-    return null;
-  }
-}
 
 /** CPU seconds of this process and its reaped children (utime, stime, cutime, cstime), or null. */
 function selfAndChildrenCpuSeconds(): number | null {

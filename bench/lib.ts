@@ -20,6 +20,29 @@ export const clockTicks = (() => {
   }
 })();
 
+/** A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), or null (no such process or field). */
+export function procStatusKiB(pid: number | 'self' | undefined, field: string): number | null {
+  if (pid === undefined) return null;
+  try {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** CPU seconds (user + system) of a process from /proc/<pid>/stat, or null. */
+export function procCpuSeconds(pid: number | undefined): number | null {
+  if (pid === undefined) return null;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / clockTicks;
+  } catch {
+    return null;
+  }
+}
+
 /** The pid of the server child, found by its data directory on the command line. */
 export function findServerPid(server: TestServer): number | undefined {
   const dataDir = join(server.dir, 'data');
