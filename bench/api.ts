@@ -17,7 +17,7 @@
  * Exits non-zero only on an error (a request failed, a watcher missed its event for 10 s, the
  * run overran its time limit); a missed goal is reported, not failed. See bench/README.md.
  */
-import { clockTicks, findServerPid, pad, progress, round } from './lib.ts';
+import { benchCommandLine, clockTicks, findServerPid, pad, progress, round } from './lib.ts';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
@@ -26,7 +26,6 @@ import { Agent, request as httpsRequest } from 'node:https';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { parseArgs } from 'node:util';
 import { startTestServer, type TestServer } from '../test/helpers/server.ts';
 
 const BASE = '/apis/kmm.sigs.x-k8s.io/v1beta2/preflightvalidations';
@@ -44,36 +43,17 @@ const USAGE = 'usage: node bench/api.ts [--quick] [--json] [--phases=get,watch,c
 const PHASES = ['get', 'watch', 'create'] as const;
 type Phase = (typeof PHASES)[number];
 
-function parseCommandLine() {
-  try {
-    const { values } = parseArgs({
-      options: {
-        quick: { type: 'boolean', default: false },
-        json: { type: 'boolean', default: false },
-        phases: { type: 'string', default: PHASES.join(',') },
-        'server-node-options': { type: 'string' },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-    const phases = new Set<Phase>();
-    for (const p of values.phases.split(',').map((x) => x.trim()).filter(Boolean)) {
-      if (!(PHASES as readonly string[]).includes(p)) throw new Error(`unknown phase "${p}": expected some of ${PHASES.join(',')}`);
-      phases.add(p as Phase);
-    }
-    return { ...values, phases };
-  } catch (err) {
-    process.stderr.write(`bench/api.ts: ${(err as Error).message}\n${USAGE}`);
-    process.exit(2);
+const args = benchCommandLine('bench/api.ts', USAGE, {
+  phases: { type: 'string', default: PHASES.join(',') },
+  'server-node-options': { type: 'string' },
+}, (values) => {
+  const phases = new Set<Phase>();
+  for (const p of values.phases.split(',').map((x) => x.trim()).filter(Boolean)) {
+    if (!(PHASES as readonly string[]).includes(p)) throw new Error(`unknown phase "${p}": expected some of ${PHASES.join(',')}`);
+    phases.add(p as Phase);
   }
-}
-
-const args = parseCommandLine();
-if (args.help) {
-  process.stdout.write(USAGE);
-  process.exit(0);
-}
+  return { ...values, phases };
+});
 
 interface Plan {
   readonly mode: 'full' | 'quick';

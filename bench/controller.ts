@@ -25,7 +25,7 @@
  * limit), 130 when interrupted. The server, the registry and the temporary files are removed
  * however the run ends. See bench/README.md.
  */
-import { clockTicks, findRegistryPid, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
+import { benchCommandLine, clockTicks, findRegistryPid, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -34,7 +34,6 @@ import { request as httpsRequest } from 'node:https';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { parseArgs } from 'node:util';
 import type { TestRegistry } from '../test/helpers/registry.ts';
 import type { TestServer } from '../test/helpers/server.ts';
 
@@ -52,33 +51,14 @@ const GOAL_PEAK_MIB = 300;
 const USAGE =
   'usage: node bench/controller.ts [--quick] [--json] [--validation-concurrency=N] [--server-node-options="<NODE_OPTIONS of the server>"]\n';
 
-function parseCommandLine() {
-  try {
-    const { values } = parseArgs({
-      options: {
-        quick: { type: 'boolean', default: false },
-        json: { type: 'boolean', default: false },
-        'validation-concurrency': { type: 'string' },
-        'server-node-options': { type: 'string' },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-    const c = values['validation-concurrency'];
-    if (c !== undefined && !/^[1-9]\d*$/.test(c)) throw new Error(`--validation-concurrency must be a positive integer, got "${c}"`);
-    return { ...values, validationConcurrency: c === undefined ? undefined : Number(c) };
-  } catch (err) {
-    process.stderr.write(`bench/controller.ts: ${(err as Error).message}\n${USAGE}`);
-    process.exit(2);
-  }
-}
-
-const args = parseCommandLine();
-if (args.help) {
-  process.stdout.write(USAGE);
-  process.exit(0);
-}
+const args = benchCommandLine('bench/controller.ts', USAGE, {
+  'validation-concurrency': { type: 'string' },
+  'server-node-options': { type: 'string' },
+}, (values) => {
+  const c = values['validation-concurrency'];
+  if (c !== undefined && !/^[1-9]\d*$/.test(c)) throw new Error(`--validation-concurrency must be a positive integer, got "${c}"`);
+  return { ...values, validationConcurrency: c === undefined ? undefined : Number(c) };
+});
 
 interface Plan {
   readonly mode: 'full' | 'quick';

@@ -26,7 +26,7 @@
  * failed, a response other than 200, a connection error or timeout, a decision other than the one
  * expected, the time limit); 130 when interrupted. See bench/README.md.
  */
-import { clockTicks, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
+import { benchCommandLine, clockTicks, findServerPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -34,7 +34,6 @@ import { Agent, request as httpsRequest } from 'node:https';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { parseArgs } from 'node:util';
 import type { EventEmitter } from 'node:events';
 import { nextEntry, summarize as summarizeStatus } from '../src/controller/status.ts';
 import type { ModuleStatus } from '../src/api/schema.ts';
@@ -62,30 +61,7 @@ const DRIVERS = ['nvidia-gpu-driver', 'mlx5-ofed', 'intel-qat-driver', 'habana-g
 
 const USAGE = 'usage: node bench/gate.ts [--quick] [--json] [--server-node-options="<NODE_OPTIONS of the server>"]\n';
 
-function parseCommandLine() {
-  try {
-    const { values } = parseArgs({
-      options: {
-        quick: { type: 'boolean', default: false },
-        json: { type: 'boolean', default: false },
-        'server-node-options': { type: 'string' },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-    return values;
-  } catch (err) {
-    process.stderr.write(`bench/gate.ts: ${(err as Error).message}\n${USAGE}`);
-    process.exit(2);
-  }
-}
-
-const args = parseCommandLine();
-if (args.help) {
-  process.stdout.write(USAGE);
-  process.exit(0);
-}
+const args = benchCommandLine('bench/gate.ts', USAGE, { 'server-node-options': { type: 'string' } });
 
 interface Plan {
   readonly mode: 'full' | 'quick';

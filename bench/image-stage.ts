@@ -30,7 +30,7 @@
  * when interrupted. The registry, the children and the temporary files are removed however the run
  * ends. See bench/README.md.
  */
-import { clockTicks, findRegistryPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
+import { benchCommandLine, clockTicks, findRegistryPid, machineCpuSeconds, pad, progress, round, procStatusKiB, procCpuSeconds } from './lib.ts';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, readdirSync, readFileSync } from 'node:fs';
@@ -41,7 +41,7 @@ import { performance } from 'node:perf_hooks';
 import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
-import { parseArgs, promisify } from 'node:util';
+import { promisify } from 'node:util';
 import { createGzip, gzipSync } from 'node:zlib';
 import type { RegistryClient } from '../src/registry/types.ts';
 
@@ -68,20 +68,12 @@ const USAGE =
   'usage: node bench/image-stage.ts [--quick] [--json] [--concurrency=N] [--layer-concurrency=N] [--worker-node-options="<NODE_OPTIONS of the validating children>"]\n';
 
 function parseCommandLine() {
-  try {
-    const { values } = parseArgs({
-      options: {
-        quick: { type: 'boolean', default: false },
-        json: { type: 'boolean', default: false },
-        concurrency: { type: 'string', default: '32' },
-        worker: { type: 'string' },
-        'worker-node-options': { type: 'string' },
-        'layer-concurrency': { type: 'string' },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
+  return benchCommandLine('bench/image-stage.ts', USAGE, {
+    concurrency: { type: 'string', default: '32' },
+    worker: { type: 'string' },
+    'worker-node-options': { type: 'string' },
+    'layer-concurrency': { type: 'string' },
+  }, (values) => {
     const concurrency = Number(values.concurrency);
     if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 256) throw new Error('--concurrency must be a whole number from 1 to 256');
     const layerConcurrency = values['layer-concurrency'] === undefined ? undefined : Number(values['layer-concurrency']);
@@ -89,10 +81,7 @@ function parseCommandLine() {
       throw new Error('--layer-concurrency must be a whole number from 1 to 16');
     }
     return { ...values, concurrency, layerConcurrency };
-  } catch (err) {
-    process.stderr.write(`bench/image-stage.ts: ${(err as Error).message}\n${USAGE}`);
-    process.exit(2);
-  }
+  });
 }
 
 interface Plan {
@@ -1365,10 +1354,6 @@ async function main(plan: Plan, argv: { json: boolean }): Promise<number> {
 }
 
 const args = parseCommandLine();
-if (args.help) {
-  process.stdout.write(USAGE);
-  process.exit(0);
-}
 if (args.worker !== undefined) {
   try {
     await worker(args.worker);

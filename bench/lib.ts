@@ -5,11 +5,44 @@
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { parseArgs, type ParseArgsOptionsConfig } from 'node:util';
 import type { TestServer } from '../test/helpers/server.ts';
 
 export const progress = (msg: string) => process.stderr.write(`[bench] ${msg}\n`);
 export const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 export const pad = (s: string | number, n: number) => String(s).padStart(n);
+
+const COMMON_OPTIONS = {
+  quick: { type: 'boolean', default: false },
+  json: { type: 'boolean', default: false },
+  help: { type: 'boolean', short: 'h', default: false },
+} as const;
+
+type Parsed<O extends ParseArgsOptionsConfig> = ReturnType<typeof parseArgs<{ options: typeof COMMON_OPTIONS & O; strict: true; allowPositionals: false }>>['values'];
+
+/**
+ * A benchmark's command line: `--quick`, `--json`, `--help` and its own `options`; `refine` checks
+ * and converts the values (throw for a usage error). `--help` prints `usage` and exits 0; a usage
+ * error prints the reason and `usage` to stderr and exits 2.
+ */
+export function benchCommandLine<O extends ParseArgsOptionsConfig, R = Parsed<O>>(
+  script: string,
+  usage: string,
+  options: O,
+  refine: (values: Parsed<O>) => R = (v) => v as unknown as R,
+): R {
+  try {
+    const values = parseArgs({ options: { ...COMMON_OPTIONS, ...options }, strict: true, allowPositionals: false }).values as Parsed<O>;
+    if ((values as Record<string, unknown>)['help'] === true) {
+      process.stdout.write(usage);
+      process.exit(0);
+    }
+    return refine(values);
+  } catch (err) {
+    process.stderr.write(`${script}: ${(err as Error).message}\n${usage}`);
+    process.exit(2);
+  }
+}
 
 /** Clock ticks per second of /proc CPU times. */
 export const clockTicks = (() => {

@@ -26,8 +26,8 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
-import { parseArgs, promisify } from 'node:util';
-import { clockTicks, pad, progress, round } from './lib.ts';
+import { promisify } from 'node:util';
+import { benchCommandLine, clockTicks, pad, progress, round } from './lib.ts';
 import { createModuleSigner, splitModuleSignature, type ModuleSigner, type SignHashAlgorithm } from '../src/sign/module-signature.ts';
 import { buildModuleObject } from '../test/helpers/kmod-fixtures.ts';
 import { ensureSignFile, makeSigningKey, signWithSignFile, type SigningKeyFiles } from '../test/helpers/sign-file.ts';
@@ -55,54 +55,44 @@ interface Plan {
 }
 
 function parseCommandLine(): Plan & { json: boolean } {
-  try {
-    const { values } = parseArgs({
-      options: {
-        quick: { type: 'boolean', default: false },
-        json: { type: 'boolean', default: false },
-        modules: { type: 'string' },
-        'size-mib': { type: 'string', default: '10' },
-        rounds: { type: 'string' },
-        concurrency: { type: 'string', default: '4' },
-        'sign-file-parallel': { type: 'string', default: '2' },
-        'key-bits': { type: 'string', default: '4096' },
-        hash: { type: 'string', default: 'sha256' },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-    if (values.help) {
-      process.stdout.write(USAGE);
-      process.exit(0);
-    }
-    const int = (name: string, v: string, min: number, max: number): number => {
-      const n = Number(v);
-      if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} must be a whole number from ${min} to ${max}`);
-      return n;
-    };
-    const keyBits = int('key-bits', values['key-bits'], 2048, 4096);
-    if (![2048, 3072, 4096].includes(keyBits)) throw new Error('--key-bits must be 2048, 3072 or 4096');
-    if (!['sha1', 'sha224', 'sha256', 'sha384', 'sha512'].includes(values.hash)) throw new Error('--hash must be sha1, sha224, sha256, sha384 or sha512');
-    const quick = values.quick;
-    const modules = int('modules', values.modules ?? (quick ? '12' : '100'), 1, 10_000);
-    return {
-      json: values.json,
-      mode: quick ? 'quick' : 'full',
-      modules,
-      sizeMiB: int('size-mib', values['size-mib'], 1, 512),
-      rounds: int('rounds', values.rounds ?? (quick ? '1' : '3'), 1, 20),
-      concurrency: int('concurrency', values.concurrency, 1, 64),
-      signFileParallel: int('sign-file-parallel', values['sign-file-parallel'], 1, 64),
-      keyBits: keyBits as Plan['keyBits'],
-      hash: values.hash as SignHashAlgorithm,
-      distinct: Math.min(modules, 8),
-      totalLimitMs: quick ? 2 * 60_000 : 15 * 60_000,
-    };
-  } catch (err) {
-    process.stderr.write(`bench/sign.ts: ${(err as Error).message}\n${USAGE}`);
-    process.exit(2);
-  }
+  return benchCommandLine(
+    'bench/sign.ts',
+    USAGE,
+    {
+      modules: { type: 'string' },
+      'size-mib': { type: 'string', default: '10' },
+      rounds: { type: 'string' },
+      concurrency: { type: 'string', default: '4' },
+      'sign-file-parallel': { type: 'string', default: '2' },
+      'key-bits': { type: 'string', default: '4096' },
+      hash: { type: 'string', default: 'sha256' },
+    },
+    (values) => {
+      const int = (name: string, v: string, min: number, max: number): number => {
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} must be a whole number from ${min} to ${max}`);
+        return n;
+      };
+      const keyBits = int('key-bits', values['key-bits'], 2048, 4096);
+      if (![2048, 3072, 4096].includes(keyBits)) throw new Error('--key-bits must be 2048, 3072 or 4096');
+      if (!['sha1', 'sha224', 'sha256', 'sha384', 'sha512'].includes(values.hash)) throw new Error('--hash must be sha1, sha224, sha256, sha384 or sha512');
+      const quick = values.quick;
+      const modules = int('modules', values.modules ?? (quick ? '12' : '100'), 1, 10_000);
+      return {
+        json: values.json,
+        mode: quick ? 'quick' : 'full',
+        modules,
+        sizeMiB: int('size-mib', values['size-mib'], 1, 512),
+        rounds: int('rounds', values.rounds ?? (quick ? '1' : '3'), 1, 20),
+        concurrency: int('concurrency', values.concurrency, 1, 64),
+        signFileParallel: int('sign-file-parallel', values['sign-file-parallel'], 1, 64),
+        keyBits: keyBits as Plan['keyBits'],
+        hash: values.hash as SignHashAlgorithm,
+        distinct: Math.min(modules, 8),
+        totalLimitMs: quick ? 2 * 60_000 : 15 * 60_000,
+      };
+    },
+  );
 }
 
 // ---- Measuring -------------------------------------------------------------------------------
