@@ -6,7 +6,7 @@ import { mkdtemp, rm, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import type { KubeObject } from '../../src/api/resources.ts';
 import type { Builder, BuildRequest } from '../../src/build/types.ts';
 import { Registry } from 'prom-client';
@@ -63,6 +63,18 @@ t.teardown(async () => {
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
+/** Storage and registries of the API server, Modules from `modulesDir`, a registry client; closed after `t`. */
+async function parts(t: Test, modulesDir: string, db: string) {
+  const store = await openSqliteStore({ path: join(dir, `${db}.sqlite`), compactIntervalMs: 0 });
+  t.teardown(() => store.close());
+  const [pfv, pfvo] = createRegistries(store, logger);
+  const inputs = createDirectoryInputs([modulesDir], logger);
+  t.teardown(() => inputs.stop());
+  const client = createRegistryClient();
+  t.teardown(() => client.close());
+  return { pfv, pfvo, inputs, client };
+}
+
 async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -81,13 +93,7 @@ t.test('every Module validated; failures keep distinct reasons; a fix re-validat
     await writeFile(join(modulesDir, `m${i}.yaml`), moduleYaml(`m${i}`, `ns-${i % 2}`, `${registry.host}/drivers/m${i}:\${KERNEL_FULL_VERSION}`));
   }
   await writeFile(join(modulesDir, 'missing.yaml'), moduleYaml('missing', 'ns-0', `${registry.host}/drivers/missing:\${KERNEL_FULL_VERSION}`));
-  const store = await openSqliteStore({ path: join(dir, 'db.sqlite'), compactIntervalMs: 0 });
-  t.teardown(() => store.close());
-  const [pfv, pfvo] = createRegistries(store, logger);
-  const inputs = createDirectoryInputs([modulesDir], logger);
-  t.teardown(() => inputs.stop());
-  const client = createRegistryClient();
-  t.teardown(() => client.close());
+  const { pfv, pfvo, inputs, client } = await parts(t, modulesDir, 'db');
   const events: string[] = [];
   const recorder: EventRecorder = { record: (obj, type, reason, message) => void events.push(`${obj.metadata.name}:${type}:${reason}:${message}`) };
   const metricsRegistry = new Registry();
@@ -185,13 +191,7 @@ t.test("a Module is validated for its own architecture: the platform comes from 
   const index = await pushIndex(registry, 'drivers/multi:v1', [{ platform: { os: 'linux', architecture: 'amd64' }, ref: amd64 }]);
   await writeFile(join(modulesDir, 'amd.yaml'), moduleYaml('multi', 'ns-a', index.reference));
   await writeFile(join(modulesDir, 'arm.yaml'), moduleYaml('multi', 'ns-b', index.reference).replace('kubernetes.io/arch: amd64', 'kubernetes.io/arch: arm64'));
-  const store = await openSqliteStore({ path: join(dir, 'arch.sqlite'), compactIntervalMs: 0 });
-  t.teardown(() => store.close());
-  const [pfv, pfvo] = createRegistries(store, logger);
-  const inputs = createDirectoryInputs([modulesDir], logger);
-  t.teardown(() => inputs.stop());
-  const client = createRegistryClient();
-  t.teardown(() => client.close());
+  const { pfv, pfvo, inputs, client } = await parts(t, modulesDir, 'arch');
   const controller = createPreflightController({
     pfv: pfv!,
     pfvo: pfvo!,
@@ -222,13 +222,7 @@ t.test('a running build shows Unknown/Build; its end, announced by the builder, 
     join(modulesDir, 'built.yaml'),
     `${moduleYaml('built', 'ns-b', `${registry.host}/drivers/built:\${KERNEL_FULL_VERSION}`)}      build: {dockerfileConfigMap: {name: df}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: df, namespace: ns-b}\ndata: {dockerfile: "FROM scratch"}\n`,
   );
-  const store = await openSqliteStore({ path: join(dir, 'build.sqlite'), compactIntervalMs: 0 });
-  t.teardown(() => store.close());
-  const [pfv, pfvo] = createRegistries(store, logger);
-  const inputs = createDirectoryInputs([modulesDir], logger);
-  t.teardown(() => inputs.stop());
-  const client = createRegistryClient();
-  t.teardown(() => client.close());
+  const { pfv, pfvo, inputs, client } = await parts(t, modulesDir, 'build');
 
   let finished = false;
   const listeners: ((key: string) => void)[] = [];
