@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import t from 'tap';
 import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
 import { pushImage } from '../helpers/images.ts';
-import { runCheckCli } from '../helpers/manifests.ts';
+import { runCheckCli, pushReleaseImage } from '../helpers/manifests.ts';
 import { dockerConfigFor, startRegistry, type TestRegistry } from '../helpers/registry.ts';
 
 t.setTimeout(240_000);
@@ -135,13 +135,7 @@ data:
 });
 
 t.test('--release-image resolves the kernel through the driver-toolkit, --rt the real-time one', async (t) => {
-  const dtk = await pushImage(open, 'ocp/driver-toolkit:v1', {
-    layers: [{ entries: [{ path: 'etc/driver-toolkit-release.json', content: JSON.stringify({ KERNEL_VERSION: KERNEL, RT_KERNEL_VERSION: RT_KERNEL }) }] }],
-  });
-  const refs = { kind: 'ImageStream', apiVersion: 'image.openshift.io/v1', spec: { tags: [{ name: 'driver-toolkit', from: { kind: 'DockerImage', name: dtk.reference } }] } };
-  const release = await pushImage(open, 'ocp/release:4.16', {
-    layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }],
-  });
+  const release = await pushReleaseImage(open, '4.16', KERNEL, RT_KERNEL);
   await writeFile(join(dir, 'ocp.yaml'), moduleYaml('gpu', `${open.host}/drivers/gpu:\${KERNEL_FULL_VERSION}`));
   const r = await run(['--release-image', release.reference, '--insecure-registry', open.host, '-f', 'ocp.yaml', '-o', 'json']);
   t.equal(r.code, 0, r.stderr);

@@ -12,6 +12,7 @@ import { pushImage } from '../helpers/images.ts';
 import { buildModuleObject } from '../helpers/kmod-fixtures.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
 import { freePort, ROOT, startTestServer, type TestServer } from '../helpers/server.ts';
+import { pushReleaseImage } from '../helpers/manifests.ts';
 
 t.setTimeout(900_000);
 
@@ -188,11 +189,7 @@ t.test('a registry outage gives Error, then True after recovery without any user
 });
 
 t.test('two kernels and an OpenShift release validate side by side with separate results', async (t) => {
-  const dtk = await pushImage(registry, 'ocp/driver-toolkit:v1', {
-    layers: [{ entries: [{ path: 'etc/driver-toolkit-release.json', content: JSON.stringify({ KERNEL_VERSION: K2, RT_KERNEL_VERSION: `${K2}-rt` }) }] }],
-  });
-  const refs = { kind: 'ImageStream', apiVersion: 'image.openshift.io/v1', spec: { tags: [{ name: 'driver-toolkit', from: { kind: 'DockerImage', name: dtk.reference } }] } };
-  const release = await pushImage(registry, 'ocp/release:4.16', { layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }] });
+  const release = await pushReleaseImage(registry, '4.16', K2, `${K2}-rt`);
   await ok(['apply', '-f', '-'], `apiVersion: kmm.sigs.x-k8s.io/v1beta2
 kind: PreflightValidation
 metadata: {name: next}

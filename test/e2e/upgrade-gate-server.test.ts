@@ -10,8 +10,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
-import { pushImage } from '../helpers/images.ts';
-import { moduleYaml, pushModuleImage, until as untilHelper } from '../helpers/manifests.ts';
+import { moduleYaml, pushModuleImage, until as untilHelper, pushReleaseImage } from '../helpers/manifests.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 
@@ -64,11 +63,7 @@ const until = <T>(what: string, probe: () => Promise<T | undefined>) => untilHel
 t.before(async () => {
   registry = await startRegistry();
   dir = await mkdtemp(join(tmpdir(), 'kmm-preflight-gate-'));
-  const dtk = await pushImage(registry, 'ocp/driver-toolkit:v1', {
-    layers: [{ entries: [{ path: 'etc/driver-toolkit-release.json', content: JSON.stringify({ KERNEL_VERSION: K, RT_KERNEL_VERSION: `${K}+rt` }) }] }],
-  });
-  const refs = { kind: 'ImageStream', apiVersion: 'image.openshift.io/v1', spec: { tags: [{ name: 'driver-toolkit', from: { kind: 'DockerImage', name: dtk.reference } }] } };
-  const release = await pushImage(registry, 'ocp/release:4.16.1-x86_64', { layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }] });
+  const release = await pushReleaseImage(registry, '4.16.1-x86_64', K, `${K}+rt`);
   releaseTag = release.reference;
   releaseDigest = `${registry.host}/ocp/release@${release.digest}`;
   await pushModuleImage(registry, 'good', K);

@@ -15,8 +15,7 @@ import t from 'tap';
 import { parseAllDocuments, stringify } from 'yaml';
 import { registerAggregatedServer } from '../helpers/aggregation.ts';
 import { startControlPlane, type ControlPlane } from '../helpers/control-plane.ts';
-import { pushImage } from '../helpers/images.ts';
-import { moduleYaml, pushModuleImage, until as untilHelper } from '../helpers/manifests.ts';
+import { moduleYaml, pushModuleImage, until as untilHelper, pushReleaseImage } from '../helpers/manifests.ts';
 import { startRegistry, type TestRegistry } from '../helpers/registry.ts';
 import { ROOT, startTestServer, type TestServer } from '../helpers/server.ts';
 
@@ -47,11 +46,7 @@ async function upgradeable(): Promise<{ status: string; reason: string; message:
 
 t.before(async () => {
   [cp, registry] = await Promise.all([startControlPlane(), startRegistry()]);
-  const dtk = await pushImage(registry, 'ocp/driver-toolkit:v1', {
-    layers: [{ entries: [{ path: 'etc/driver-toolkit-release.json', content: JSON.stringify({ KERNEL_VERSION: K, RT_KERNEL_VERSION: `${K}+rt` }) }] }],
-  });
-  const refs = { kind: 'ImageStream', apiVersion: 'image.openshift.io/v1', spec: { tags: [{ name: 'driver-toolkit', from: { kind: 'DockerImage', name: dtk.reference } }] } };
-  const release = await pushImage(registry, 'ocp/release:4.16.1-x86_64', { layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }] });
+  const release = await pushReleaseImage(registry, '4.16.1-x86_64', K, `${K}+rt`);
   releaseTag = release.reference;
   releaseDigest = `${registry.host}/ocp/release@${release.digest}`;
 

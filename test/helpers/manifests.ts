@@ -42,6 +42,18 @@ export async function pushModuleImage(registry: TestRegistry, name: string, kern
   });
 }
 
+/**
+ * Pushes an OpenShift release image `ocp/release:<tag>` whose payload names a driver-toolkit
+ * image (`ocp/driver-toolkit:v1`, pushed too) with `kernel` and `rtKernel`; returns the release.
+ */
+export async function pushReleaseImage(registry: TestRegistry, tag: string, kernel: string, rtKernel: string): Promise<PushedImage> {
+  const dtk = await pushImage(registry, 'ocp/driver-toolkit:v1', {
+    layers: [{ entries: [{ path: 'etc/driver-toolkit-release.json', content: JSON.stringify({ KERNEL_VERSION: kernel, RT_KERNEL_VERSION: rtKernel }) }] }],
+  });
+  const refs = { kind: 'ImageStream', apiVersion: 'image.openshift.io/v1', spec: { tags: [{ name: 'driver-toolkit', from: { kind: 'DockerImage', name: dtk.reference } }] } };
+  return pushImage(registry, `ocp/release:${tag}`, { layers: [{ entries: [{ path: 'release-manifests/image-references', content: JSON.stringify(refs) }] }] });
+}
+
 /** Polls `probe` until it returns something other than undefined; `context` adds to the timeout error. */
 export async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 90_000, context: () => string = () => ''): Promise<T> {
   const deadline = Date.now() + timeoutMs;
