@@ -75,9 +75,9 @@ export interface SignStage {
 export interface SignStageOptions {
   readonly registry: RegistryHttpClient;
   readonly logger?: Logger;
-  /** Largest module file read from the image (default 256 MiB). */
+  /** Largest module file read from the image (default: readImageFiles', 256 MiB). */
   readonly maxFileBytes?: number;
-  /** Largest sum of the module files read (default 1 GiB). */
+  /** Largest sum of the module files read (default: readImageFiles', 1 GiB). */
   readonly maxTotalBytes?: number;
   /** Largest decompressed module, for signing and reading `.modinfo` (default 512 MiB). */
   readonly maxModuleBytes?: number;
@@ -85,8 +85,6 @@ export interface SignStageOptions {
   readonly concurrency?: number;
 }
 
-const DEFAULT_MAX_FILE_BYTES = 256 * 1024 ** 2;
-const DEFAULT_MAX_TOTAL_BYTES = 1024 ** 3;
 const DEFAULT_MAX_MODULE_BYTES = 512 * 1024 ** 2;
 const NAMED_FILES = 3;
 
@@ -207,8 +205,6 @@ class Refusal extends Error {
 
 export function createSignStage(options: SignStageOptions): SignStage {
   const { registry } = options;
-  const maxFileBytes = options.maxFileBytes ?? DEFAULT_MAX_FILE_BYTES;
-  const maxTotalBytes = options.maxTotalBytes ?? DEFAULT_MAX_TOTAL_BYTES;
   const maxModuleBytes = options.maxModuleBytes ?? DEFAULT_MAX_MODULE_BYTES;
   const concurrency = options.concurrency ?? 2;
   const log = options.logger;
@@ -250,8 +246,9 @@ export function createSignStage(options: SignStageOptions): SignStage {
     let read;
     try {
       read = await readImageFiles(registry, image, input.inputAccess, input.platform, (p) => isModuleFileName(p) && (inKernelDir(p) || byPattern(p)), {
-        maxFileBytes,
-        maxTotalBytes,
+        // Unset limits take readImageFiles' defaults.
+        ...(options.maxFileBytes !== undefined ? { maxFileBytes: options.maxFileBytes } : {}),
+        ...(options.maxTotalBytes !== undefined ? { maxTotalBytes: options.maxTotalBytes } : {}),
         ...(signal ? { signal } : {}),
       });
     } catch (err) {
