@@ -265,7 +265,7 @@ async function buildAndSign(
     return verdict('False', 'Sign', 'UnsignedImageMissing', `${image.reason}; the Module's sign section has no unsignedImage and no build section produces one`);
   }
   const withRelease = release ? { release } : {};
-  const secretKey = async (secret: string | undefined, field: 'keySecret' | 'certSecret', dataKey: 'key' | 'cert'): Promise<Buffer | ModuleVerdict> => {
+  const secretKey = (secret: string | undefined, field: 'keySecret' | 'certSecret', dataKey: 'key' | 'cert'): Buffer | ModuleVerdict => {
     if (!secret) return verdict('False', 'Sign', 'SigningSecretMissing', `the Module's sign section names no ${field}`, withRelease);
     const data = bs.secretData(ns, secret);
     if (!data) return verdict('False', 'Sign', 'SigningSecretMissing', `${image.reason}; the signing ${field === 'keySecret' ? 'key' : 'certificate'} Secret ${ns}/${secret} (sign.${field}) does not exist`, withRelease);
@@ -273,9 +273,9 @@ async function buildAndSign(
     if (!value || value.length === 0) return verdict('False', 'Sign', 'SigningSecretMissing', `Secret ${ns}/${secret} (sign.${field}) has no "${dataKey}" key`, withRelease);
     return value;
   };
-  const key = await secretKey(s.keySecret, 'keySecret', 'key');
+  const key = secretKey(s.keySecret, 'keySecret', 'key');
   if (!Buffer.isBuffer(key)) return key;
-  const certificate = await secretKey(s.certSecret, 'certSecret', 'cert');
+  const certificate = secretKey(s.certSecret, 'certSecret', 'cert');
   if (!Buffer.isBuffer(certificate)) return certificate;
 
   const signed = await bs.signStage.run({

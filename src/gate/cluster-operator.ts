@@ -173,10 +173,13 @@ export function createClusterOperatorWriter(o: ClusterOperatorWriterOptions): Cl
     }
   };
 
-  /** Whether the cluster serves config.openshift.io/v1 ClusterOperators (discovery needs no grant). */
+  /** Whether the cluster serves config.openshift.io/v1 (discovery needs no grant); asked until it does. */
+  let served = false;
   const openShift = async (): Promise<boolean> => {
+    if (served) return true;
     const groups = await discovery.getAPIVersions();
-    return groups.groups.some((g) => g.name === GROUP && g.versions.some((v) => v.version === VERSION));
+    served = groups.groups.some((g) => g.name === GROUP && g.versions.some((v) => v.version === VERSION));
+    return served;
   };
 
   const pass = async () => {
