@@ -128,16 +128,18 @@ t.test('a running build is Unknown in stage Build; its request carries the Modul
   t.ok(req.buildArgs.some((a) => a.name === 'KERNEL_FULL_VERSION' && a.value === K));
 });
 
-t.test('the build fingerprint follows the Dockerfile and the build secrets', async (t) => {
+t.test('the build fingerprint follows the Dockerfile, the build secrets and the Module', async (t) => {
   const bld = builder(() => ({ state: 'Running', reason: 'r' }));
   await validateModuleForKernel(module(BUILD), K, deps({ builder: bld.b }).deps);
   await validateModuleForKernel(module(BUILD), K, deps({ builder: bld.b }).deps);
   await validateModuleForKernel(module(BUILD), K, deps({ builder: bld.b, configMaps: { 'drivers/df': { dockerfile: 'FROM scratch\nRUN true\n' } } }).deps);
   await validateModuleForKernel(module(BUILD), K, deps({ builder: bld.b, secrets: { 'drivers/tok': { token: Buffer.from('rotated') } } }).deps);
-  const [a, b, c, d] = bld.requests.map((r) => r.fingerprint);
+  await validateModuleForKernel(module({ build: { ...BUILD.build, buildArgs: [{ name: 'DEBUG', value: '1' }] } }), K, deps({ builder: bld.b }).deps);
+  const [a, b, c, d, e] = bld.requests.map((r) => r.fingerprint);
   t.equal(a, b, 'the same inputs, the same build');
   t.not(c, a, 'a changed Dockerfile is another build');
   t.not(d, a, 'a rotated build secret is another build');
+  t.not(e, a, "a change of the Module's build section is another build");
 });
 
 t.test('a pushed build is checked by the Image stage; the Job is released once recorded', async (t) => {
